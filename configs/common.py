@@ -1,0 +1,134 @@
+"""Fields shared by every config, with neutral defaults; each experiment config overrides what its paper states.
+
+Sources: Pham et al., "Meta Pseudo Labels", CVPR 2021 (arXiv 2003.10580), Appendix C ("paper") and the authors'
+released hyper-parameters where the paper is silent ("release"). Anything chosen here is marked "ours".
+"""
+
+import ml_collections
+
+
+def optimizer_config(*, learning_rate, warmup_steps, wait_steps=0, weight_decay=0.0, grad_clip_norm=0.0,
+                     momentum=0.9, nesterov=True, schedule='cosine'):
+  """SGD (Nesterov) with `wait_steps` at lr 0, linear warmup, then cosine decay to 0 (paper, App. C)."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate,   # peak lr after warmup
+      warmup_steps=warmup_steps,     # linear warmup from 0, counted after wait_steps
+      wait_steps=wait_steps,         # steps at lr 0 before warmup (the paper's student waits)
+      weight_decay=weight_decay,     # L2 added to the gradient, masked off BatchNorm scales/biases and biases
+      grad_clip_norm=grad_clip_norm, # global-norm clipping; 0 disables
+      momentum=momentum,
+      nesterov=nesterov,
+      schedule=schedule,             # 'cosine' | 'constant'
+  ))
+
+
+def get_base_config():
+  """The complete field set; experiment configs change values, never add fields."""
+  config = ml_collections.ConfigDict()
+  config.experiment = 'train'   # 'train': one MPL run (train.py); 'two_moons': the Sec. 3.1 sweep
+  config.method = 'mpl'         # 'mpl' | 'supervised' (labeled only) | 'uda' (teacher's sup+UDA loss alone)
+  config.seed = 0
+
+  # ---- data -------------------------------------------------------------------------------------------------
+  config.dataset = ml_collections.ConfigDict(dict(
+      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'two_moons'
+      name='cifar10',           # TFDS name (source 'tfds')
+      data_dir='',              # TFDS data_dir, image-folder root, or .npz path; '' = TFDS default
+      train_split='train',
+      test_split='test',
+      num_classes=10,
+      image_size=32,            # model input size (square)
+      num_labeled=4000,         # class-balanced labeled subset of train, chosen by `split_seed`
+      num_validation=5000,      # held out of train for model selection (never the test split)
+      num_unlabeled=-1,         # -1: all of train not labeled and not validation
+      split_seed=0,             # which examples are labeled / validation
+      unlabeled_source='',      # '' = rest of train; else a TFDS name 'name[:split]' as extra unlabeled pool
+      augment='cifar',          # 'cifar' (flip + pad-crop; RandAugment+Cutout strong) | 'imagenet' | 'none'
+      randaugment_num_ops=2,
+      randaugment_magnitude=16,
+      cutout_size=16,
+      pad_crop=4,
+      in_memory=True,           # small datasets: index-based, bitwise-resumable pipeline
+      shuffle_buffer=16384,     # streaming (in_memory=False) pipelines only
+      prefetch=2,
+  ))
+
+  # ---- models -----------------------------------------------------------------------------------------------
+  config.model = ml_collections.ConfigDict(dict(
+      name='wide_resnet28_2',   # registry name, see meta_pseudo_labels/models
+      dropout_rate=0.2,
+      bn_momentum=0.99,
+      drop_connect_rate=0.0,    # EfficientNet only
+      dtype='float32',          # compute dtype ('bfloat16' on TPU); params stay float32
+  ))
+  config.student_model = ml_collections.ConfigDict(dict(name=''))  # '' = same as `model`; else full override
+
+  # ---- batch ------------------------------------------------------------------------------------------------
+  config.batch_size = 128       # labeled examples per step (global)
+  config.uda_ratio = 7          # mu: unlabeled examples per labeled example
+  config.eval_batch_size = 256
+
+  # ---- MPL --------------------------------------------------------------------------------------------------
+  config.mpl = ml_collections.ConfigDict(dict(
+      feedback='hard_taylor',   # 'exact' | 'hard_dot' | 'hard_taylor' | 'none' (UDA teacher + distillation)
+      h_sign=1.0,               # +1: h = CE_old - CE_new (correct); -1: the flipped sign of released code
+      baseline_rate=0.0,        # alpha of the moving-average baseline b <- b + alpha (h - b); 0 disables
+      pseudo_labels='hard',     # 'hard' | 'soft' (the student's targets; 'exact' always uses soft)
+  ))
+  config.label_smoothing = 0.15
+  config.uda = ml_collections.ConfigDict(dict(
+      weight=8.0,               # lambda_u
+      temperature=0.7,          # tau
+      threshold=0.6,            # confidence mask
+      ramp_steps=5000,          # w(t) = weight * min(1, (t+1)/ramp_steps)
+  ))
+  config.ema_decay = 0.995      # student EMA; effective decay min(d, (t+1)/(t+10))
+
+  # ---- optimisation -----------------------------------------------------------------------------------------
+  config.num_train_steps = 300_000
+  config.teacher_optimizer = optimizer_config(learning_rate=0.05, warmup_steps=5000, weight_decay=5e-4)
+  config.student_optimizer = optimizer_config(learning_rate=0.05, warmup_steps=5000, wait_steps=3000,
+                                              weight_decay=5e-4)
+  config.finetune = ml_collections.ConfigDict(dict(
+      num_steps=1000,           # 0 skips finetuning
+      batch_size=512,
+      optimizer=optimizer_config(learning_rate=1e-5, warmup_steps=0, schedule='constant'),
+  ))
+
+  # ---- distribution -----------------------------------------------------------------------------------------
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                  # -1: all devices not used by the other axes
+      fsdp=1,                   # parameters and optimizer state split over this axis
+      spatial=1,                # image width split over this axis (high-resolution inputs)
+      fsdp_min_size=2**18,      # parameters smaller than this stay replicated
+  ))
+  config.batch_norm_group_size = 0  # 0: statistics over the global batch; n: over groups of n examples
+
+  # ---- loop -------------------------------------------------------------------------------------------------
+  config.log_every_steps = 100
+  config.eval_every_steps = 5000
+  config.checkpoint_every_steps = 5000
+  config.keep_checkpoints = 3
+  config.on_nonfinite = 'stop'  # 'stop' | 'skip'
+  return config
+
+
+def shrink_for_cpu(config, *, steps=None, batch_size=None, image_size=None):
+  """Applies `local.*` style overrides to make any paper config run on a laptop CPU (ours)."""
+  if steps is not None:
+    config.num_train_steps = steps
+    config.finetune.num_steps = min(config.finetune.num_steps, max(1, steps // 10))
+    for opt in (config.teacher_optimizer, config.student_optimizer):
+      opt.warmup_steps = min(opt.warmup_steps, steps // 10)
+      opt.wait_steps = min(opt.wait_steps, steps // 10)
+    config.uda.ramp_steps = min(config.uda.ramp_steps, max(1, steps // 5))
+    config.eval_every_steps = max(1, steps // 2)
+    config.checkpoint_every_steps = max(1, steps // 2)
+    config.log_every_steps = max(1, min(config.log_every_steps, steps // 10 or 1))
+  if batch_size is not None:
+    config.batch_size = batch_size
+    config.eval_batch_size = min(config.eval_batch_size, 4 * batch_size)
+    config.finetune.batch_size = min(config.finetune.batch_size, 4 * batch_size)
+  if image_size is not None:
+    config.dataset.image_size = image_size
+  return config

@@ -1,0 +1,1 @@
+"""Meta Pseudo Labels (Pham, Dai, Xie, Le, CVPR 2021) in JAX/Flax."""
