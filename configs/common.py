@@ -55,7 +55,7 @@ def get_base_config():
 
   # ---- models -----------------------------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict(dict(
-      name='wide_resnet28_2',   # registry name, see meta_pseudo_labels/models
+      name='wrn28_2',           # registry name, see meta_pseudo_labels/models
       dropout_rate=0.2,
       bn_momentum=0.99,
       drop_connect_rate=0.0,    # EfficientNet only
