@@ -1,0 +1,186 @@
+"""Checkpoints: a thin wrapper over orbax's CheckpointManager, so the training loop never imports orbax.
+
+What it adds to orbax, and why:
+- Restore falls back past an unreadable newest checkpoint. Orbax finalises a step directory only once every file is
+  written (a half-written save stays a `*.orbax-checkpoint-tmp-*` directory and is cleaned up), but a finalised
+  directory can still be damaged later (a truncated file on a full disk, a partial copy). Such a step is renamed to
+  `<step>.corrupt` (kept for inspection, never deleted) and the next older one is tried, with a warning naming both.
+- Preemption: `reached_preemption(step)` turns SIGTERM into a flag the loop polls at step boundaries. With several
+  processes it defers to orbax / `multihost_utils.reached_preemption_sync_point`, so every host saves the same step.
+- `check_compatible(workdir, config)`: a workdir keeps the config it was started with (`config.json`); resuming it
+  with a config that builds a differently shaped state is refused with a one-line CheckpointError before anything
+  is read or written.
+"""
+
+import json
+import os
+import signal
+import threading
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+from meta_pseudo_labels import errors
+
+CONFIG_FILENAME = 'config.json'
+
+# Fields that decide the shapes and structure of the saved state (or the meaning of its step counter): resuming
+# with any of them changed cannot work, so it is refused. Other fields (step counts, logging cadence) may change.
+STATE_DEFINING_FIELDS = (
+    'method', 'model', 'student_model', 'dataset.source', 'dataset.name', 'dataset.num_classes',
+    'dataset.image_size', 'teacher_optimizer.momentum', 'teacher_optimizer.nesterov',
+    'student_optimizer.momentum', 'student_optimizer.nesterov', 'finetune.optimizer.momentum',
+    'finetune.optimizer.nesterov', 'mpl.feedback',
+)
+
+
+def _lookup(tree, dotted):
+  for key in dotted.split('.'):
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def check_compatible(workdir, config_dict):
+  """Raises CheckpointError if `workdir` was started with a config whose state cannot be restored by this one.
+
+  Args:
+    workdir: the run's directory.
+    config_dict: the new config as a plain dict (`config.to_dict()`).
+  Returns:
+    The names of the fields that differ but are allowed to (for a warning), or [] for a fresh workdir.
+  """
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.CheckpointError(
+        f'{path}: unreadable ({e}); restore it or use a new --workdir') from None
+  clashes = [name for name in STATE_DEFINING_FIELDS if _lookup(saved, name) != _lookup(config_dict, name)]
+  if clashes:
+    name = clashes[0]
+    raise errors.CheckpointError(
+        f'{workdir} holds a run with {name}={_lookup(saved, name)!r}, this config has '
+        f'{_lookup(config_dict, name)!r}: use a new --workdir, or resume with the config in {path}')
+  return sorted(_differences(saved, config_dict))
+
+
+def _differences(a, b, prefix=''):
+  for key in sorted(set(a) | set(b)):
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, dict) and isinstance(y, dict):
+      yield from _differences(x, y, f'{prefix}{key}.')
+    elif x != y:
+      yield f'{prefix}{key}'
+
+
+def write_config(workdir, config_dict):
+  """Stores the config next to the checkpoints (atomically: a crash never leaves a half-written config.json)."""
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(config_dict, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class Checkpointer:
+  """Saves and restores one training phase's state plus a small JSON dict of loop bookkeeping (`extra`).
+
+  Steps are the phase's own step counter; a checkpoint at step s holds the state after s steps, so the loop restarts
+  its data iterator at s (batches are a pure function of (seed, step)).
+  """
+
+  def __init__(self, directory, keep, async_save=True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,        # half-written saves of a killed run
+        enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'extra'))
+    self._preempted = threading.Event()
+    self._multi_process = jax.process_count() > 1
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
+      # Multi-process runs leave SIGTERM to JAX's preemption notifier (read through orbax below).
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    else:
+      self._previous_handler = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint at the next step boundary, then exiting.')
+    self._preempted.set()
+
+  def reached_preemption(self, step):
+    """True once a preemption notice arrived; on multi-host True at the same `step` on every host."""
+    if self._multi_process:
+      return self._manager.reached_preemption(step)
+    return self._preempted.is_set()
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def save(self, step, state, extra):
+    """Starts an (async) save of `state` and the JSON-serialisable `extra`; orbax deletes the oldest kept step only
+    after the new one is finalised."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+
+  def restore(self, step, target_abstract_state):
+    """Restores `(state, extra, step)` from `step`, or the newest readable step if `step` is None.
+
+    `target_abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings (from `jax.eval_shape` plus the
+    state's shardings): arrays come back sharded, straight onto the mesh. Returns None if there is no checkpoint.
+    """
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    failures = []
+    for candidate in steps:
+      try:
+        restored = self._manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target_abstract_state), extra=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable step: fall back to an older one
+        failures.append((candidate, e))
+        logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying an older one.',
+                        self.directory, candidate, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        continue
+      if failures:
+        self._set_aside([s for s, _ in failures])
+        logging.warning('Restored %s/%d instead of the unreadable newer checkpoint(s) %s (renamed to <step>.corrupt).',
+                        self.directory, candidate, [s for s, _ in failures])
+      return restored['state'], restored['extra'], candidate
+    if failures:
+      bad_step, e = failures[0]
+      raise errors.CheckpointError(
+          f'{self.directory}: no readable checkpoint (step {bad_step}: {type(e).__name__}: '
+          f'{str(e).splitlines()[0] if str(e) else ""}); if the config changed use a new --workdir, '
+          'else remove the damaged step directories') from None
+    return None
+
+  def _set_aside(self, bad_steps):
+    """Renames damaged steps out of orbax's view (so the run can save those steps again) without deleting them."""
+    if jax.process_index() == 0:
+      for s in bad_steps:
+        src = os.path.join(self.directory, str(s))
+        if os.path.isdir(src):
+          os.replace(src, f'{src}.corrupt')
+    self._manager.reload()
+
+  def wait(self):
+    """Blocks until pending async saves are finalised (call before reporting a save as done, and at exit)."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None

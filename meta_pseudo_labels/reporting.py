@@ -1,0 +1,57 @@
+"""Metrics and progress: a thin wrapper over clu's metric writers, so the training loop never imports clu.
+
+Scalars go to TensorBoard event files under `workdir/tensorboard` and to the log (clu's default writer). Only the
+primary process writes event files; the others log. `progress(step)` adds a line with steps/s and an ETA measured
+between two calls, so call it where the host has synchronised with the device (at log steps, after fetching
+metrics) or the rate would measure dispatch, not computation.
+"""
+
+import time
+
+from absl import logging
+from clu import metric_writers
+
+
+def format_duration(seconds):
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{secs:02d}s'
+
+
+class Reporter:
+  """Writes scalars/hparams and reports progress over `total_steps` (all phases of a run, one global step axis)."""
+
+  def __init__(self, workdir, total_steps, is_primary=True):
+    self.total_steps = total_steps
+    self.logdir = f'{workdir}/tensorboard'
+    self._writer = metric_writers.create_default_writer(
+        self.logdir if is_primary else None, just_logging=not is_primary, asynchronous=True)
+    self._last = None   # (step, time) of the previous progress() call
+
+  def scalars(self, step, scalars):
+    self._writer.write_scalars(step, {k: float(v) for k, v in scalars.items()})
+
+  def hparams(self, flat_config):
+    self._writer.write_hparams(flat_config)
+
+  def progress(self, step):
+    """Logs `step/total (pct), steps/s, ETA` and writes `steps_per_sec`; the first call only starts the clock."""
+    now = time.monotonic()
+    if self._last is not None and step > self._last[0]:
+      rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
+      eta = (self.total_steps - step) / rate
+      logging.info('step %d/%d (%.1f%%), %.2f steps/s, ETA %s', step, self.total_steps,
+                   100.0 * step / max(self.total_steps, 1), rate, format_duration(eta))
+      self._writer.write_scalars(step, {'steps_per_sec': rate})
+    self._last = (step, now)
+
+  def restart_clock(self, step):
+    """Forget the previous timing (after an evaluation or a checkpoint, whose time is not training speed)."""
+    self._last = (step, time.monotonic())
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
