@@ -104,6 +104,13 @@ def get_base_config():
   ))
   config.batch_norm_group_size = 0  # 0: statistics over the global batch; n: over groups of n examples
 
+  # ---- sweeps (experiment 'two_moons': experiments/two_moons.py) ---------------------------------------------
+  config.sweep = ml_collections.ConfigDict(dict(
+      methods=(),               # method names of the sweep; () = every method the experiment defines
+      num_seeds=10,             # runs per method; seed i picks the labeled points and initialises the networks
+      plot_seed=0,              # the seed whose decision boundaries the figure draws
+  ))
+
   # ---- loop -------------------------------------------------------------------------------------------------
   config.log_every_steps = 100
   config.eval_every_steps = 5000
