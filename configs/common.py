@@ -6,6 +6,8 @@ released hyper-parameters where the paper is silent ("release"). Anything chosen
 
 import ml_collections
 
+from meta_pseudo_labels import errors
+
 
 def optimizer_config(*, learning_rate, warmup_steps, wait_steps=0, weight_decay=0.0, grad_clip_norm=0.0,
                      momentum=0.9, nesterov=True, schedule='cosine'):
@@ -138,4 +140,27 @@ def shrink_for_cpu(config, *, steps=None, batch_size=None, image_size=None):
     config.finetune.batch_size = min(config.finetune.batch_size, 4 * batch_size)
   if image_size is not None:
     config.dataset.image_size = image_size
+  return config
+
+
+# `--config=configs/X.py:cpu`: any paper config shrunk for a laptop CPU (ours). The schedule keeps its shape
+# (wait, warmup, cosine) at 1/10 scale; the model is the config's `cpu_model`, a small net of the same family.
+CPU_STEPS = 200
+CPU_BATCH_SIZE = 16
+CPU_IMAGE_SIZE = 32
+CPU_UDA_RATIO = 4
+
+
+def apply_config_arg(config, arg, *, cpu_model):
+  """The config string after the colon: '' (the paper's setup) or 'cpu' (shrunk for a local CPU run)."""
+  if arg in (None, ''):
+    return config
+  if arg != 'cpu':
+    raise errors.ConfigError(f"config argument {arg!r}: unknown; use no argument (the paper's setup) or ':cpu'")
+  shrink_for_cpu(config, steps=CPU_STEPS, batch_size=CPU_BATCH_SIZE, image_size=CPU_IMAGE_SIZE)
+  config.model.name = cpu_model
+  if config.student_model.name:
+    config.student_model.name = cpu_model
+  config.uda_ratio = min(config.uda_ratio, CPU_UDA_RATIO)
+  config.checkpoint_every_steps = config.eval_every_steps = config.num_train_steps // 4
   return config

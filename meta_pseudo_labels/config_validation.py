@@ -1,0 +1,149 @@
+"""Checks a training config before any expensive work (data loading, compilation) and names the fix.
+
+Every problem is an `errors.ConfigError` with one line: the field, the value, and what to do. Checks that need the
+data (a labeled count larger than the dataset, a class without examples) belong to the input pipeline, which
+raises `errors.DataError` when it first reads the data; model-specific checks (dtype, rates) to `models`.
+"""
+
+import numbers
+
+from meta_pseudo_labels import errors
+from meta_pseudo_labels import models
+from meta_pseudo_labels import sharding
+
+METHODS = ('mpl', 'supervised', 'uda')
+FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
+PSEUDO_LABELS = ('hard', 'soft')
+SOURCES = ('tfds', 'folder', 'npz', 'two_moons')
+AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+ON_NONFINITE = ('stop', 'skip')
+SCHEDULES = ('cosine', 'constant')
+# Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.
+MIN_IMAGE_SIZE = 8
+VECTOR_MODELS = ('mlp',)
+
+
+def _get(config, field):
+  value = config
+  for key in field.split('.'):
+    value = getattr(value, key)
+  return value
+
+
+def _choice(config, field, choices):
+  value = _get(config, field)
+  if value not in choices:
+    raise errors.ConfigError(f'{field}: unknown value {value!r}; choose one of {list(choices)}')
+  return value
+
+
+def _integer(config, field, minimum):
+  value = _get(config, field)
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    raise errors.ConfigError(f'{field}: must be an integer >= {minimum}, got {value!r}')
+  return int(value)
+
+
+def _number(config, field, low, high, *, low_open=False, high_open=False):
+  value = _get(config, field)
+  if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    raise errors.ConfigError(f'{field}: must be a number, got {value!r}')
+  too_low = value <= low if low_open else value < low
+  too_high = value >= high if high_open else value > high
+  if too_low or too_high:
+    interval = f'{"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+    raise errors.ConfigError(f'{field}: must be in {interval}, got {value!r}')
+  return value
+
+
+def _optimizer(config, name):
+  _choice(config, f'{name}.schedule', SCHEDULES)
+  _number(config, f'{name}.learning_rate', 0.0, float('inf'))
+  _number(config, f'{name}.weight_decay', 0.0, float('inf'))
+  _number(config, f'{name}.grad_clip_norm', 0.0, float('inf'))
+  _number(config, f'{name}.momentum', 0.0, 1.0, high_open=True)
+  _integer(config, f'{name}.warmup_steps', 0)
+  _integer(config, f'{name}.wait_steps', 0)
+
+
+def _model(config, field):
+  name = _get(config, field)
+  if name not in models.MODELS:
+    raise errors.ConfigError(f"{field}: unknown model {name!r}; choose one of {sorted(models.MODELS)}")
+  vector_input = config.dataset.source == 'two_moons'
+  if (name in VECTOR_MODELS) != vector_input and config.dataset.source != 'npz':
+    kind = 'vectors (dataset.source two_moons)' if name in VECTOR_MODELS else 'images'
+    raise errors.ConfigError(f'{field}: {name!r} takes {kind}, but dataset.source is '
+                             f'{config.dataset.source!r}; choose a model for this data')
+
+
+def validate(config, num_devices):
+  """Raises `errors.ConfigError` for the first problem found in a training config (see the module docstring)."""
+  method = _choice(config, 'method', METHODS)
+  _choice(config, 'mpl.feedback', FEEDBACK_MODES)
+  _choice(config, 'mpl.pseudo_labels', PSEUDO_LABELS)
+  if _get(config, 'mpl.h_sign') not in (1, -1):
+    raise errors.ConfigError(f'mpl.h_sign: must be 1.0 (correct sign) or -1.0 (the flipped sign of the released '
+                             f'code), got {config.mpl.h_sign!r}')
+  _number(config, 'mpl.baseline_rate', 0.0, 1.0)
+  _choice(config, 'on_nonfinite', ON_NONFINITE)
+
+  # Data.
+  _choice(config, 'dataset.source', SOURCES)
+  _choice(config, 'dataset.augment', AUGMENTATIONS)
+  num_classes = _integer(config, 'dataset.num_classes', 2)
+  if config.dataset.source != 'two_moons':
+    _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE)
+  num_labeled = _integer(config, 'dataset.num_labeled', 1)
+  if num_labeled < num_classes:
+    raise errors.ConfigError(f'dataset.num_labeled: {num_labeled} labeled examples leave some of the {num_classes} '
+                             f'classes without one; use at least {num_classes}')
+  _integer(config, 'dataset.num_validation', 0)
+  if _get(config, 'dataset.num_unlabeled') != -1:
+    _integer(config, 'dataset.num_unlabeled', 1)
+  if config.dataset.source in ('folder', 'npz') and not config.dataset.data_dir:
+    raise errors.ConfigError(f'dataset.data_dir: source {config.dataset.source!r} needs a path '
+                             '(an image-folder root or an .npz file); set --config.dataset.data_dir=PATH')
+
+  # Models.
+  _model(config, 'model.name')
+  if config.student_model.name:
+    _model(config, 'student_model.name')
+
+  # Steps and cadence.
+  _integer(config, 'num_train_steps', 1)
+  _integer(config, 'finetune.num_steps', 0)
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    _integer(config, field, 1)
+  _integer(config, 'uda.ramp_steps', 1)
+
+  # Losses and optimizers.
+  _number(config, 'label_smoothing', 0.0, 1.0, high_open=True)
+  _number(config, 'ema_decay', 0.0, 1.0, high_open=True)
+  _number(config, 'uda.weight', 0.0, float('inf'))
+  _number(config, 'uda.temperature', 0.0, float('inf'), low_open=True)
+  _number(config, 'uda.threshold', 0.0, 1.0)
+  _optimizer(config, 'teacher_optimizer')
+  _optimizer(config, 'student_optimizer')
+  _optimizer(config, 'finetune.optimizer')
+
+  # Batches against the mesh: each batch is split over the data x fsdp devices.
+  data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
+  batch_devices = data * fsdp
+  batch_size = _integer(config, 'batch_size', 1)
+  batches = {'batch_size': batch_size, 'eval_batch_size': _integer(config, 'eval_batch_size', 1)}
+  if method == 'mpl' and config.finetune.num_steps:
+    batches['finetune.batch_size'] = _integer(config, 'finetune.batch_size', 1)
+  if method in ('mpl', 'uda'):
+    uda_ratio = _integer(config, 'uda_ratio', 1)
+    batches['batch_size * uda_ratio'] = batch_size * uda_ratio
+  for field, size in batches.items():
+    if size % batch_devices:
+      raise errors.ConfigError(
+          f'{field}: {size} is not divisible by the {batch_devices} devices of the mesh (data={data} x fsdp={fsdp} '
+          f'of {num_devices} devices); use a multiple of {batch_devices} or set --config.mesh.data')
+  _integer(config, 'batch_norm_group_size', 0)
+  group = config.batch_norm_group_size
+  if group and batch_size % group:
+    raise errors.ConfigError(f'batch_norm_group_size: {group} does not divide batch_size {batch_size}; '
+                             'use a divisor of the batch size, or 0 for the whole batch')

@@ -1,0 +1,114 @@
+r"""Runs an experiment: `python -m meta_pseudo_labels.main --config=configs/X.py[:arg] --workdir=DIR`.
+
+Any config field can be overridden on the command line (`--config.num_train_steps=1000`,
+`--config.model.name=wrn10_1`); `configs/X.py:cpu` shrinks a paper config for a laptop CPU (see configs/common.py).
+Running the same command again resumes from the newest checkpoint in DIR.
+
+Mistakes a user can fix (a config field that does not exist or has the wrong type, a missing dataset, a workdir
+holding an incompatible run ...) end the program with one line on stderr naming the field or path and the fix, exit
+code 2, and nothing in the workdir changed.
+"""
+
+import importlib
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from meta_pseudo_labels import distributed
+from meta_pseudo_labels import errors
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and results.json; rerunning '
+                    'the same command resumes from it.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, `path.py` or `path.py:arg` (e.g. `configs/cifar10_4k.py:cpu`). '
+    'Fields can be overridden with --config.field=value.', lock_config=True)
+
+USER_ERROR_EXIT_CODE = 2
+
+# config.experiment -> (module, function(config, workdir)); modules are imported only when chosen.
+EXPERIMENTS = {
+    'train': ('meta_pseudo_labels.train', 'train_and_evaluate'),
+    'two_moons': ('meta_pseudo_labels.experiments.two_moons', 'run'),
+}
+
+
+def train_and_evaluate(config, workdir):
+  """Runs the experiment `config.experiment` names, writing everything under `workdir`."""
+  if config.experiment not in EXPERIMENTS:
+    raise errors.ConfigError(f'experiment: unknown experiment {config.experiment!r}; '
+                             f'choose one of {sorted(EXPERIMENTS)}')
+  module_name, function_name = EXPERIMENTS[config.experiment]
+  return getattr(importlib.import_module(module_name), function_name)(config, workdir)
+
+
+def _exit_with_one_line(message):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config-flag mistakes turned into one line (absl prints a traceback or two lines)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _exit_with_one_line(str(e).splitlines()[0])
+  except errors.MplError as e:   # raised by a config file's get_config(arg)
+    _exit_with_one_line(str(e))
+  except OSError as e:   # a config file that cannot be read, with overrides given
+    _cannot_load_config(e)
+  except (AttributeError, KeyError) as e:   # ml_collections: --config.<field> that the config does not have
+    field = str(e).strip('"\'')
+    overrides = [a.split('=')[0] for a in argv if re.match(rf'--config\.(.*\.)?{re.escape(field)}(=|$)', a)]
+    where = f' ({overrides[0]})' if overrides else ''
+    _exit_with_one_line(f'unknown config field {field!r}{where}; the config file lists the fields (python -m '
+                        'meta_pseudo_labels.main --config=FILE --helpfull shows them)')
+
+
+def _cannot_load_config(error):
+  reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+  _exit_with_one_line(f'--config: cannot load {FLAGS["config"].config_filename!r} ({reason}); pass an existing '
+                      'config file, e.g. --config=configs/two_moons.py')
+
+
+def _hide_accelerators_from_tensorflow():
+  """tf.data runs on the host; without this TF would reserve GPU/TPU memory that JAX needs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only the input pipeline needs TF
+  tf.config.set_visible_devices([], 'GPU')
+  tf.config.set_visible_devices([], 'TPU')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; pass settings as --config.field=value')
+  if not FLAGS.workdir:
+    _exit_with_one_line('--workdir is required: the directory for checkpoints and results')
+  config = _CONFIG.value
+  if not isinstance(config, ml_collections.ConfigDict):
+    try:   # config_flags defers a file that failed to load to an object that raises its error when read
+      config.experiment
+    except OSError as e:
+      _cannot_load_config(e)
+  try:
+    _hide_accelerators_from_tensorflow()
+    distributed.initialize()
+    logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
+                 jax.local_devices())
+    train_and_evaluate(config, FLAGS.workdir)
+  except errors.MplError as e:
+    _exit_with_one_line(str(e))
+
+
+def run():
+  flags.mark_flag_as_required('config')
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()
