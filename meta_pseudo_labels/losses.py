@@ -1,0 +1,73 @@
+"""Loss terms of Meta Pseudo Labels (Pham et al., CVPR 2021, arXiv 2003.10580): pure functions of logits.
+
+Everything here is a function of arrays only (no flax modules), so the same terms serve the MPL step, the
+supervised / UDA baselines and evaluation, and can be differentiated to any order.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _as_distribution(targets, num_classes, dtype):
+  """Integer labels [N] become one-hot rows; probability rows [N, C] pass through."""
+  if jnp.issubdtype(targets.dtype, jnp.integer):
+    return jax.nn.one_hot(targets, num_classes, dtype=dtype)
+  return targets.astype(dtype)
+
+
+def softmax_cross_entropy(logits, targets, label_smoothing=0.0):
+  """Per-example cross-entropy [N] between `targets` (labels [N] or probabilities [N, C]) and `logits` [N, C].
+
+  Label smoothing mixes the target with the uniform distribution: (1 - eps) * target + eps / C (the paper's
+  CE_eps, App. C); it is linear in the target, so soft targets stay differentiable through it.
+  """
+  num_classes = logits.shape[-1]
+  distribution = _as_distribution(targets, num_classes, logits.dtype)
+  if label_smoothing:
+    distribution = (1.0 - label_smoothing) * distribution + label_smoothing / num_classes
+  return -jnp.sum(distribution * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def cross_entropy(logits, targets, label_smoothing=0.0, weights=None):
+  """Mean over the batch of `softmax_cross_entropy`; `weights` [N] multiply each example (mean over all N)."""
+  per_example = softmax_cross_entropy(logits, targets, label_smoothing)
+  if weights is not None:
+    per_example = per_example * weights
+  return jnp.mean(per_example)
+
+
+def uda_loss(logits_weak, logits_strong, temperature, threshold):
+  """UDA consistency loss (Xie et al. 2020, used by the MPL teacher, Sec. 3.2 / App. C).
+
+  q = sg(softmax(logits_weak / tau)); m = 1[max q >= threshold]; loss = mean(m * CE(q, logits_strong)).
+  Returns (loss, mask_rate), mask_rate being the fraction of unlabeled examples that pass the threshold.
+  """
+  targets = jax.lax.stop_gradient(jax.nn.softmax(logits_weak / temperature, axis=-1))
+  mask = (jnp.max(targets, axis=-1) >= threshold).astype(logits_strong.dtype)
+  return cross_entropy(logits_strong, targets, weights=mask), jnp.mean(mask)
+
+
+def uda_weight(step, weight, ramp_steps):
+  """w(t) = weight * min(1, (t + 1) / ramp_steps): the UDA loss weight ramps up linearly (App. C)."""
+  if ramp_steps <= 0:
+    return jnp.asarray(weight, jnp.float32)
+  ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
+  return weight * ramp
+
+
+def mpl_feedback_loss(teacher_logits_strong, pseudo_labels, advantage):
+  """The teacher's hard-label MPL loss sg(advantage) * CE(y_hat, T(x_s)) (Sec. 2, App. A).
+
+  `pseudo_labels` are the integer labels y_hat the student was trained on, `advantage` = h_sign * (h - b).
+  Gradient descent on it raises p_T(y_hat | x_s) when advantage > 0: the student's labeled loss dropped after
+  learning y_hat. The target is a hard label on purpose: with the soft target sg(softmax(z)) this loss would be
+  CE(sg(softmax(z)), z), whose gradient softmax(z) - softmax(z) is identically 0 (the official release's defect).
+  """
+  return jax.lax.stop_gradient(advantage) * cross_entropy(teacher_logits_strong, pseudo_labels)
+
+
+def top_k_correct(logits, labels, k):
+  """Per-example 1.0 where `labels` is among the top-min(k, C) logits, else 0.0 (float32 [N])."""
+  k = min(k, logits.shape[-1])
+  _, top_indices = jax.lax.top_k(logits, k)
+  return jnp.any(top_indices == labels[:, None], axis=-1).astype(jnp.float32)

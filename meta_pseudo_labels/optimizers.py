@@ -1,0 +1,76 @@
+"""Optimizers of the paper (Pham et al., App. C): SGD with Nesterov momentum, a wait at lr 0, linear warmup, cosine.
+
+An optimizer config (see `configs/common.py: optimizer_config`) is read by attribute, so any namespace works.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from meta_pseudo_labels import errors
+
+SCHEDULES = ('cosine', 'constant')
+
+
+def _check(optimizer_config, total_steps, name):
+  """One-line ConfigErrors for values that would silently produce a broken schedule."""
+  if optimizer_config.schedule not in SCHEDULES:
+    raise errors.ConfigError(f'{name}.schedule: unknown schedule {optimizer_config.schedule!r}; choose one of '
+                             f'{list(SCHEDULES)}')
+  for field in ('learning_rate', 'warmup_steps', 'wait_steps', 'weight_decay', 'grad_clip_norm', 'momentum'):
+    if getattr(optimizer_config, field) < 0:
+      raise errors.ConfigError(f'{name}.{field}: must be >= 0, got {getattr(optimizer_config, field)}')
+  if total_steps < 0:
+    raise errors.ConfigError(f'number of steps must be >= 0, got {total_steps}')
+
+
+def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
+  """step -> learning rate: 0 for `wait_steps`, then linear warmup from 0 over `warmup_steps`, then cosine decay
+  to 0 at `total_steps` ('cosine') or flat at the peak ('constant').
+
+  The wait is the paper's student delay (the student's lr stays 0 while the teacher warms up, App. C). `name`
+  is the config path named in errors (e.g. 'student_optimizer').
+  """
+  _check(optimizer_config, total_steps, name)
+  peak = float(optimizer_config.learning_rate)
+  wait = int(optimizer_config.wait_steps)
+  warmup = int(optimizer_config.warmup_steps)
+  decay_steps = max(1, int(total_steps) - wait - warmup)
+  cosine = optimizer_config.schedule == 'cosine'
+
+  def learning_rate_fn(step):
+    since_wait = jnp.asarray(step, jnp.float32) - wait
+    warming = peak * since_wait / warmup if warmup else jnp.float32(peak)
+    if cosine:
+      progress = jnp.clip((since_wait - warmup) / decay_steps, 0.0, 1.0)
+      after_warmup = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    else:
+      after_warmup = jnp.float32(peak)
+    lr = jnp.where(since_wait < warmup, warming, after_warmup)
+    return jnp.where(since_wait < 0, 0.0, lr).astype(jnp.float32)
+
+  return learning_rate_fn
+
+
+def decay_mask(params):
+  """True for kernels (ndim > 1): weight decay never touches biases or BatchNorm scales/biases (App. C)."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def create_optimizer(optimizer_config, total_steps, name='optimizer'):
+  """Returns (tx, learning_rate_fn) for one network.
+
+  Chain: weight decay (L2 as a gradient term wd * w, i.e. the loss wd/2 * |w|^2 of TF's l2_loss, kernels only)
+  -> global-norm clipping (if grad_clip_norm > 0) -> SGD with (Nesterov) momentum at `learning_rate_fn`.
+  optax counts its own updates, so the schedule seen by `tx` at update t equals `learning_rate_fn(t)` as long as
+  every train step applies exactly one update.
+  """
+  learning_rate_fn = create_learning_rate_fn(optimizer_config, total_steps, name)
+  chain = []
+  if optimizer_config.weight_decay:
+    chain.append(optax.add_decayed_weights(optimizer_config.weight_decay, mask=decay_mask))
+  if optimizer_config.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(optimizer_config.grad_clip_norm))
+  chain.append(optax.sgd(learning_rate_fn, momentum=optimizer_config.momentum or None,
+                         nesterov=bool(optimizer_config.nesterov)))
+  return optax.chain(*chain), learning_rate_fn
