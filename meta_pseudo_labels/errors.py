@@ -23,3 +23,10 @@ class CheckpointError(MplError):
 
 class TrainingError(MplError):
   """Training cannot go on (a non-finite loss or gradient, a lost peer)."""
+
+
+class Preempted(Exception):
+  """The run saved a checkpoint and stopped early on SIGTERM / a preemption notice; rerunning resumes it.
+
+  Not an `MplError`: nothing is wrong with the user's input; `main` exits with 128 + SIGTERM (143).
+  """

@@ -10,8 +10,12 @@ code 2, and nothing in the workdir changed.
 """
 
 import importlib
+import logging as python_logging
+import os
 import re
 import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # before TensorFlow is imported: no C++ INFO chatter
 
 from absl import app
 from absl import flags
@@ -31,6 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'Fields can be overridden with --config.field=value.', lock_config=True)
 
 USER_ERROR_EXIT_CODE = 2
+PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: a checkpoint was saved; schedulers treat the job as interrupted
 
 # config.experiment -> (module, function(config, workdir)); modules are imported only when chosen.
 EXPERIMENTS = {
@@ -84,6 +89,13 @@ def _hide_accelerators_from_tensorflow():
   tf.config.set_visible_devices([], 'TPU')
 
 
+class _QuietLibraries(python_logging.Filter):
+  """Drops INFO records of orbax (dozens of lines per checkpoint); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; pass settings as --config.field=value')
@@ -95,6 +107,7 @@ def main(argv):
       config.experiment
     except OSError as e:
       _cannot_load_config(e)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     _hide_accelerators_from_tensorflow()
     distributed.initialize()
@@ -103,6 +116,9 @@ def main(argv):
     train_and_evaluate(config, FLAGS.workdir)
   except errors.MplError as e:
     _exit_with_one_line(str(e))
+  except errors.Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def run():

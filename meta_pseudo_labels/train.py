@@ -1,0 +1,402 @@
+"""The training program: phases, logging, evaluation cadence, checkpoints, the divergence guard, results.json.
+
+`train_and_evaluate(config, workdir)` runs, by `config.method`:
+- 'mpl': the MPL phase (teacher and student, `num_train_steps`, Pham et al. Sec. 2-3), then the student's
+  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). Finetuning starts from the EMA student, the
+  network the MPL phase evaluates and selects (App. C: the EMA student is the one reported), with a fresh optimizer.
+- 'supervised' (labeled batches only) and 'uda' (the teacher's supervised + UDA loss alone): one phase of
+  `mpl.supervised_step` with the teacher's optimizer.
+Then every model is evaluated on the validation split (held out of train; model selection never sees test) and the
+test split, and `workdir/results.json` is written.
+
+Reliability, by design:
+- Resume is bitwise: each phase checkpoints its whole state (parameters, BatchNorm statistics, optimizer and
+  schedule counters, EMA, MPL baseline) under `workdir/checkpoints/<phase>`; the batches of step s are a pure
+  function of (seed, s) and the step rng is `fold_in(rng, step)` inside the steps, so restarting at the saved step
+  replays exactly what an uninterrupted run computes.
+- The host waits for the device only at sync points (log, eval and checkpoint steps, the phase end, a preemption):
+  metrics are summed on the device by the jitted step and fetched there, one transfer per sync.
+- Divergence guard: every step computes whether all its metrics (losses and gradient norms) are finite.
+  `on_nonfinite='skip'` discards a non-finite step's update inside the jitted step (the state keeps its previous
+  values, only the step counter moves on; skips are counted). 'stop' raises a TrainingError naming the first
+  non-finite step and term at the next sync point. Every save is preceded by a sync, so no checkpoint ever holds a
+  diverged state and the last good one stays intact.
+- SIGTERM / preemption: the loop saves at the next step boundary (on every host at the same step) and raises
+  `errors.Preempted`; rerunning the same command resumes.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meta_pseudo_labels import checkpoint
+from meta_pseudo_labels import config_validation
+from meta_pseudo_labels import errors
+from meta_pseudo_labels import evaluation
+from meta_pseudo_labels import input_pipeline
+from meta_pseudo_labels import models
+from meta_pseudo_labels import mpl
+from meta_pseudo_labels import reporting
+from meta_pseudo_labels import sharding
+from meta_pseudo_labels import train_state
+
+RESULTS_FILENAME = 'results.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One stretch of training with its own state type, step function, data and checkpoint directory."""
+  name: str                      # 'mpl' | 'supervised' | 'uda' | 'finetune': checkpoint sub-directory, log prefix
+  num_steps: int
+  global_offset: int             # where the phase starts on the run's step axis (TensorBoard, progress)
+  init: Callable[[Any, Any], Any]        # (rng, source) -> state; pure (jitted with out_shardings)
+  step: Callable[[Any, Any, Any], Any]   # (state, batch, rng) -> (state, metrics); pure
+  batches: Callable[[int], Any]          # start_step -> iterator of host-local batches
+  eval_models: Callable[[Any], dict]     # state -> {name: (apply_fn, variables)}
+
+
+# ---- the jitted step: update, divergence guard, on-device metric sums -------------------------------------------
+
+
+UPDATED_STATE_TERM = 'updated state'   # the guard's name for "the step's new parameters/statistics"
+
+
+def guard_terms(metric_names):
+  """The quantities the divergence guard checks, in the order of its flags: every metric, then the new state."""
+  return sorted(metric_names) + [UPDATED_STATE_TERM]
+
+
+def _finite_flags(metrics, new_state):
+  """One flag per guard term: metrics (losses, gradient norms) and, so that no checkpoint holds an overflowed
+  state whose step still had finite losses, all floating-point arrays of the new state."""
+  float_leaves = [x for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  state_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in float_leaves]))
+  return jnp.stack([jnp.isfinite(metrics[name]) for name in sorted(metrics)] + [state_finite])
+
+
+def guarded_step(step_fn, skip_nonfinite, state, accumulator, batch, rng):
+  """`step_fn` plus the divergence guard and metric accumulation (see the module docstring).
+
+  `accumulator`: {'sums': metric sums over finite steps, 'finite_steps', 'nonfinite_steps', 'first_bad_step' (-1:
+  none), 'first_bad_terms' (one bool per `guard_terms`, at that step)}.
+  """
+  new_state, metrics = step_fn(state, batch, rng)
+  names = sorted(metrics)
+  finite_terms = _finite_flags(metrics, new_state)
+  finite = jnp.all(finite_terms)
+  if skip_nonfinite:
+    # Keep every value of the old state; only the step counter advances, so the data moves on past the batch.
+    kept = state.replace(step=new_state.step)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+  first = (accumulator['first_bad_step'] < 0) & ~finite
+  accumulator = {
+      'sums': {name: accumulator['sums'][name] + jnp.where(finite, metrics[name], 0.0) for name in names},
+      'finite_steps': accumulator['finite_steps'] + finite.astype(jnp.int32),
+      'nonfinite_steps': accumulator['nonfinite_steps'] + (~finite).astype(jnp.int32),
+      'first_bad_step': jnp.where(first, state.step, accumulator['first_bad_step']),
+      'first_bad_terms': jnp.where(first, ~finite_terms, accumulator['first_bad_terms']),
+  }
+  return new_state, accumulator
+
+
+def empty_accumulator(metric_names):
+  return {
+      'sums': {name: jnp.zeros((), jnp.float32) for name in metric_names},
+      'finite_steps': jnp.zeros((), jnp.int32),
+      'nonfinite_steps': jnp.zeros((), jnp.int32),
+      'first_bad_step': jnp.full((), -1, jnp.int32),
+      'first_bad_terms': jnp.zeros((len(metric_names) + 1,), bool),
+  }
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return flat
+
+
+def _prepare_workdir(workdir):
+  """Creates the workdir (local path or any epath URL) and checks it is writable, before any expensive work."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if '://' not in workdir and not os.access(workdir, os.W_OK):
+      raise PermissionError(13, 'Permission denied')
+  except OSError as e:
+    raise errors.ConfigError(f'--workdir {workdir}: cannot write there ({e.strerror or e}); choose a writable '
+                             'directory') from None
+  return path
+
+
+def _model_config(config, field):
+  return config.student_model if field == 'student_model' and config.student_model.name else config.model
+
+
+# ---- phases -----------------------------------------------------------------------------------------------------
+
+
+def _phases(config, pipeline):
+  """The phases of `config.method` (see the module docstring), on one global step axis."""
+  num_classes, input_shape = pipeline.num_classes, pipeline.input_shape
+  create = functools.partial(models.create_model, num_classes=num_classes,
+                             bn_group_size=config.batch_norm_group_size)
+  teacher_model = create(config.model)
+  student_model = create(_model_config(config, 'student_model'))
+  steps = config.num_train_steps
+
+  if config.method == 'mpl':
+    hparams = mpl.MplHparams.from_config(config)
+    main_phase = Phase(
+        name='mpl', num_steps=steps, global_offset=0,
+        init=lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
+        step=functools.partial(mpl.mpl_step, hparams=hparams),
+        batches=pipeline.mpl_batches,
+        eval_models=lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables),
+                               'student': (s.student.apply_fn, s.student.variables),
+                               'student_ema': (s.student.apply_fn, s.student_ema)})
+  else:
+    hparams = mpl.SupervisedHparams.from_config(config)
+    main_phase = Phase(
+        name=config.method, num_steps=steps, global_offset=0,
+        init=lambda rng, _: train_state.create_supervised_state(
+            rng, teacher_model, config.teacher_optimizer, input_shape, total_steps=steps,
+            name='teacher_optimizer'),
+        step=functools.partial(mpl.supervised_step, hparams=hparams),
+        batches=(pipeline.mpl_batches if config.method == 'uda'
+                 else functools.partial(_labeled_batches, pipeline, config.batch_size)),
+        eval_models=lambda s: {'model': (s.network.apply_fn, s.network.variables),
+                               'model_ema': (s.network.apply_fn, s.ema)})
+  if config.method != 'mpl' or not config.finetune.num_steps:
+    return main_phase, None
+
+  finetune_steps = config.finetune.num_steps
+
+  def finetune_init(rng, ema_variables):
+    del rng  # starts from the EMA student, nothing random
+    network = train_state.create_network_state(ema_variables, student_model.apply, config.finetune.optimizer,
+                                               finetune_steps, 'finetune.optimizer')
+    return train_state.SupervisedState(step=jnp.zeros((), jnp.int32), network=network, ema=None)
+
+  finetune_phase = Phase(
+      name='finetune', num_steps=finetune_steps, global_offset=steps, init=finetune_init,
+      step=functools.partial(mpl.finetune_step, hparams=mpl.SupervisedHparams.for_finetune(config)),
+      batches=functools.partial(_labeled_batches, pipeline, config.finetune.batch_size),
+      eval_models=lambda s: {'student_finetuned': (s.network.apply_fn, s.network.variables)})
+  return main_phase, finetune_phase
+
+
+def _labeled_batches(pipeline, batch_size, start_step):
+  return pipeline.labeled_batches(start_step, batch_size)
+
+
+class _Run:
+  """State shared by the phases of one run: mesh, reporter, evaluator, bookkeeping carried in checkpoints."""
+
+  def __init__(self, config, workdir, pipeline, mesh, total_steps):
+    self.config = config
+    self.workdir = workdir
+    self.pipeline = pipeline
+    self.mesh = mesh
+    self.is_primary = jax.process_index() == 0
+    self.reporter = reporting.Reporter(os.fspath(workdir), total_steps, self.is_primary)
+    self.evaluator = evaluation.Evaluator(pipeline, mesh)
+    self.has_validation = pipeline.split_sizes.get('validation', 0) > 0
+    self.rng = jax.random.key(config.seed)
+    self.nonfinite_skipped = 0
+    self.previous_wall_time = 0.0      # seconds spent by earlier (interrupted) processes of this run
+    self.start_time = time.monotonic()
+
+  def wall_time(self):
+    return self.previous_wall_time + time.monotonic() - self.start_time
+
+  def _sync(self, phase, step, accumulator, metric_names):
+    """Fetches the on-device metric sums (the only regular host transfer), applies the guard, writes scalars."""
+    values = jax.device_get(accumulator)
+    global_step = phase.global_offset + step
+    nonfinite = int(values['nonfinite_steps'])
+    if nonfinite:
+      bad_step = int(values['first_bad_step'])
+      terms = [name for name, bad in zip(guard_terms(metric_names), values['first_bad_terms']) if bad]
+      if self.config.on_nonfinite == 'stop':
+        raise errors.TrainingError(
+            f'{phase.name} step {bad_step}: non-finite {", ".join(terms)}; the last good checkpoint in '
+            f'{self.workdir}/checkpoints/{phase.name} is kept; lower the learning rate, or set '
+            '--config.on_nonfinite=skip to skip such steps')
+      self.nonfinite_skipped += nonfinite
+      logging.warning('%s: skipped %d non-finite step(s), first at step %d (%s); %d skipped in total',
+                      phase.name, nonfinite, bad_step, ', '.join(terms), self.nonfinite_skipped)
+    finite_steps = int(values['finite_steps'])
+    if finite_steps:
+      # mpl_step's metrics are namespaced (teacher/, student/, mpl/); supervised_step's 'train/' names the phase.
+      scalars = {(f'{phase.name}/{name[len("train/"):]}' if name.startswith('train/') else name):
+                 float(total) / finite_steps for name, total in values['sums'].items()}
+      scalars['guard/nonfinite_skipped'] = self.nonfinite_skipped
+      self.reporter.scalars(global_step, scalars)
+
+  def evaluate(self, split, named_models):
+    return self.evaluator.evaluate(split, named_models)
+
+  def run_phase(self, phase, source=None):
+    """Trains `phase` to its end (resuming from its newest checkpoint) and returns its final state."""
+    config = self.config
+    phase_index = ('mpl', 'supervised', 'uda', 'finetune').index(phase.name)
+    init_rng = jax.random.fold_in(self.rng, 2 * phase_index)
+    step_rng = jax.random.fold_in(self.rng, 2 * phase_index + 1)
+
+    abstract_state = jax.eval_shape(phase.init, init_rng, source)
+    state_shardings = sharding.state_shardings(abstract_state, self.mesh, config.mesh.fsdp_min_size)
+    ckpt = checkpoint.Checkpointer(self.workdir / 'checkpoints' / phase.name, keep=config.keep_checkpoints)
+    try:
+      restored = ckpt.restore(None, _with_shardings(abstract_state, state_shardings))
+      if restored is None:
+        state = jax.jit(phase.init, out_shardings=state_shardings)(init_rng, source)
+        start = 0
+      else:
+        state, extra, start = restored
+        self.nonfinite_skipped = int(extra.get('nonfinite_skipped', 0))
+        self.previous_wall_time = float(extra.get('wall_time', 0.0))
+        self.start_time = time.monotonic()
+        logging.info('%s: resumed from %s/%d', phase.name, ckpt.directory, start)
+      if start < phase.num_steps:
+        state = self._train(phase, state, state_shardings, start, step_rng, ckpt)
+      ckpt.wait()
+    finally:
+      ckpt.close()
+    return state
+
+  def _train(self, phase, state, state_shardings, start, step_rng, ckpt):
+    config = self.config
+    batches = phase.batches(start)
+    first_batch = next(batches)
+    abstract_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype), first_batch)
+    batch_shardings = sharding.batch_shardings(abstract_batch, self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    _, abstract_metrics = jax.eval_shape(phase.step, state, abstract_batch, step_rng)
+    metric_names = sorted(abstract_metrics)
+    accumulator_shardings = jax.tree.map(lambda _: replicated, empty_accumulator(metric_names))
+    train_step = jax.jit(
+        functools.partial(guarded_step, phase.step, config.on_nonfinite == 'skip'),
+        in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
+        out_shardings=(state_shardings, accumulator_shardings),
+        donate_argnums=(0, 1))
+    new_accumulator = jax.jit(functools.partial(empty_accumulator, metric_names),
+                              out_shardings=accumulator_shardings)
+    accumulator = new_accumulator()
+
+    logging.info('%s: training steps %d..%d', phase.name, start + 1, phase.num_steps)
+    self.reporter.restart_clock(phase.global_offset + start)
+    host_batch = first_batch
+    for step in range(start + 1, phase.num_steps + 1):
+      if host_batch is None:
+        host_batch = next(batches)
+      batch = sharding.make_global_batch(host_batch, self.mesh)
+      host_batch = None
+      state, accumulator = train_step(state, accumulator, batch, step_rng)
+
+      preempted = ckpt.reached_preemption(step)
+      is_log = step % config.log_every_steps == 0
+      is_eval = step % config.eval_every_steps == 0 and self.has_validation
+      is_save = step % config.checkpoint_every_steps == 0 or step == phase.num_steps or preempted
+      if not (is_log or is_eval or is_save):
+        continue
+      self._sync(phase, step, accumulator, metric_names)   # raises on divergence before anything is saved
+      accumulator = new_accumulator()
+      global_step = phase.global_offset + step
+      if is_log:
+        self.reporter.progress(global_step)
+      if is_save:
+        ckpt.save(step, state, {'phase': phase.name, 'step': step, 'nonfinite_skipped': self.nonfinite_skipped,
+                                'wall_time': self.wall_time()})
+      if is_eval:
+        results = self.evaluate('validation', phase.eval_models(state))
+        self.reporter.scalars(global_step, {f'validation/{model}/{metric}': value
+                                            for model, values in results.items()
+                                            for metric, value in values.items() if metric != 'count'})
+      if preempted:
+        ckpt.wait()
+        self.reporter.flush()
+        raise errors.Preempted(f'{phase.name} step {step}: preemption notice received; checkpoint saved in '
+                               f'{ckpt.directory}; rerun the same command to resume')
+      self.reporter.restart_clock(global_step)
+    return state
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir):
+  """Trains and evaluates `config` in `workdir` (resuming from its checkpoints); returns the results dict."""
+  config_validation.validate(config, jax.device_count())
+  path = _prepare_workdir(workdir)
+  config_dict = config.to_dict()
+  changed = checkpoint.check_compatible(os.fspath(path), config_dict)
+  if changed:
+    logging.warning('Resuming %s with changed fields %s', workdir, changed)
+  pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
+  mesh = sharding.create_mesh(config.mesh)
+  main_phase, finetune_phase = _phases(config, pipeline)
+  if jax.process_index() == 0:
+    checkpoint.write_config(os.fspath(path), config_dict)
+
+  total_steps = main_phase.num_steps + (finetune_phase.num_steps if finetune_phase else 0)
+  run = _Run(config, path, pipeline, mesh, total_steps)
+  run.reporter.hparams(_flatten(config_dict))
+  logging.info('Split sizes: %s; mesh %s', pipeline.split_sizes, dict(mesh.shape))
+
+  main_state = run.run_phase(main_phase)
+  final_models = main_phase.eval_models(main_state)
+  if finetune_phase is not None:
+    finetune_state = run.run_phase(finetune_phase, source=main_state.student_ema)
+    final_models.update(finetune_phase.eval_models(finetune_state))
+
+  splits = (['validation'] if run.has_validation else []) + ['test']
+  final = {split: run.evaluate(split, final_models) for split in splits}
+  run.reporter.scalars(total_steps, {f'final/{split}/{model}/{metric}': value
+                                     for split, per_model in final.items() for model, values in per_model.items()
+                                     for metric, value in values.items() if metric != 'count'})
+  run.reporter.close()
+  results = {
+      'final': final,
+      'steps': {main_phase.name: main_phase.num_steps,
+                **({'finetune': finetune_phase.num_steps} if finetune_phase else {})},
+      'nonfinite_skipped': run.nonfinite_skipped,
+      'wall_time_s': run.wall_time(),
+      'config': config_dict,
+  }
+  if jax.process_index() == 0:
+    results_path = path / RESULTS_FILENAME
+    results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    _print_summary(final, path, run.reporter.logdir)
+  return results
+
+
+def _print_summary(final, path, logdir):
+  splits = list(final)
+  model_names = list(final[splits[-1]])
+  width = max(len(name) for name in model_names)
+  lines = [f'{"model":<{width}}  ' + '  '.join(f'{split + " top-1":>16}' for split in splits)]
+  for name in model_names:
+    lines.append(f'{name:<{width}}  ' + '  '.join(f'{100 * final[split][name]["top1"]:>15.2f}%' for split in splits))
+  print('\n'.join(lines))
+  print(f'Results: {path / RESULTS_FILENAME}\nTensorBoard: tensorboard --logdir {logdir}', flush=True)
