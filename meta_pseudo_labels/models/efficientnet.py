@@ -7,7 +7,7 @@ depth (rounded up by `round_repeats`), the training resolution and the classifie
 dropped per example with a probability growing linearly with the block index (stochastic depth, the
 "drop connect" of the EfficientNet release). Meta Pseudo Labels trains EfficientNet-L2 at 512x512 (Sec. 4).
 
-Published sizes (1000 classes): B0 5.3M parameters, B7 66M (Tan & Le, Table 2), L2 480M (Xie et al., Table 1).
+Published sizes (1000 classes): B0 5.3M parameters, B7 66M (Tan & Le, Table 2), L2 480M (Xie et al., Table 2).
 """
 
 import dataclasses
