@@ -29,19 +29,27 @@ ml_collections only by the command line.
 
 import copy
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meta_pseudo_labels import errors
+from meta_pseudo_labels import models
+from meta_pseudo_labels import mpl
+from meta_pseudo_labels import train_state
+
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor')
+PIPELINE_DATA = ('synthetic', 'config')
 # HLO ops that move data between host and device inside a step; a training step should contain none.
 HOST_TRANSFER_OPS = ('infeed', 'outfeed', 'send(', 'recv(', 'host_callback', 'xla_python_cpu_callback',
                      'xla_python_gpu_callback', 'xla_ffi_python')
@@ -133,3 +141,303 @@ def matmul_reference(size: int, warmup: int, repeats: int) -> dict[str, float]:
   seconds = _median_seconds(lambda: compiled(a, b), warmup, repeats)
   flops = 2.0 * size ** 3
   return dict(size=size, seconds=seconds, flops=flops, flops_per_second=flops / seconds)
+
+
+# ---- the MPL workload ------------------------------------------------------------------------------------------
+
+def input_shape(config) -> tuple[int, ...]:
+  """Shape of one example: [D] points for TwoMoon, else square RGB images of `dataset.image_size`."""
+  if config.dataset.source == 'two_moons':
+    return (2,)
+  return (config.dataset.image_size, config.dataset.image_size, 3)
+
+
+def synthetic_batch(config, seed: int = 0) -> dict[str, jax.Array]:
+  """An MPL batch of the config's shapes: B labeled examples and two views of mu*B unlabeled ones."""
+  labeled, unlabeled = config.batch_size, config.batch_size * config.uda_ratio
+  shape = input_shape(config)
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return {
+      'labeled_image': jax.random.normal(keys[0], (labeled, *shape), jnp.float32),
+      'labeled_label': jax.random.randint(keys[1], (labeled,), 0, config.dataset.num_classes, jnp.int32),
+      'unlabeled_weak': jax.random.normal(keys[2], (unlabeled, *shape), jnp.float32),
+      'unlabeled_strong': jax.random.normal(keys[3], (unlabeled, *shape), jnp.float32),
+  }
+
+
+def _models(config):
+  teacher = models.create_model(config.model, config.dataset.num_classes,
+                                bn_group_size=config.batch_norm_group_size)
+  student_config = config.student_model if getattr(config.student_model, 'name', '') else config.model
+  student = models.create_model(student_config, config.dataset.num_classes,
+                                bn_group_size=config.batch_norm_group_size)
+  return teacher, student
+
+
+def floor_flops(config, teacher_model, student_model, batch) -> dict[str, float]:
+  """FLOPs of the indispensable pieces of one MPL step, each compiled standalone (not run).
+
+  teacher forward + backward (w.r.t. its parameters) on [x_l; x_w; x_s], student forward + backward on x_s, and
+  the student's labeled loss CE(y_l, S(x_l)) before and after its update: one forward on x_l, counted twice.
+  """
+  rng = jax.random.key(0)
+  teacher_vars = jax.eval_shape(lambda: train_state.init_variables(rng, teacher_model, input_shape(config)))
+  student_vars = jax.eval_shape(lambda: train_state.init_variables(rng, student_model, input_shape(config)))
+  x_l, y_l = batch['labeled_image'], batch['labeled_label']
+  x_s = batch['unlabeled_strong']
+  x_teacher = jnp.concatenate([x_l, batch['unlabeled_weak'], x_s])
+  y_teacher = jnp.zeros((x_teacher.shape[0],), jnp.int32)
+  y_strong = jnp.zeros((x_s.shape[0],), jnp.int32)
+
+  def fwd_bwd(apply_fn, variables, x, y):
+    return mpl.student_gradient(apply_fn, variables['params'], variables['batch_stats'], x, y, 0.0, rng).grads
+
+  def forward(apply_fn, variables, x, y):
+    return mpl.labeled_loss(apply_fn, variables['params'], variables['batch_stats'], x, y, rng)
+
+  teacher_fb = compiled_flops(functools.partial(fwd_bwd, teacher_model.apply), teacher_vars, x_teacher, y_teacher)
+  student_fb = compiled_flops(functools.partial(fwd_bwd, student_model.apply), student_vars, x_s, y_strong)
+  student_fwd = compiled_flops(functools.partial(forward, student_model.apply), student_vars, x_l, y_l)
+  return dict(teacher_forward_backward=teacher_fb, student_forward_backward=student_fb,
+              student_forward_labeled=student_fwd, total=teacher_fb + student_fb + 2 * student_fwd)
+
+
+def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats: int) -> dict[str, Any]:
+  """Compiles and times the teacher's and the student's supervised steps and `mpl_step` in each mode."""
+  teacher_model, student_model = _models(config)
+  batch = synthetic_batch(config)
+  shape = input_shape(config)
+  rng = jax.random.key(config.seed)
+  total = config.num_train_steps
+  labeled, unlabeled = batch['labeled_image'].shape[0], batch['unlabeled_strong'].shape[0]
+  uda = mpl.UdaHparams.from_config(config.uda)
+  steps = {}
+
+  teacher_state = jax.jit(lambda r: train_state.create_supervised_state(
+      r, teacher_model, config.teacher_optimizer, shape, total_steps=total, keep_ema=False))(rng)
+  teacher_hparams = mpl.SupervisedHparams(label_smoothing=float(config.label_smoothing), uda=uda)
+  steps['teacher_supervised'] = measure_step(
+      functools.partial(mpl.supervised_step, hparams=teacher_hparams), teacher_state, batch, rng,
+      examples=labeled + unlabeled, warmup=warmup, repeats=repeats)
+
+  student_state = jax.jit(lambda r: train_state.create_supervised_state(
+      r, student_model, config.student_optimizer, shape, total_steps=total))(rng)
+  student_hparams = mpl.SupervisedHparams(label_smoothing=float(config.label_smoothing),
+                                          ema_decay=float(config.ema_decay))
+  student_batch = {'labeled_image': batch['unlabeled_strong'],
+                   'labeled_label': jnp.zeros((unlabeled,), jnp.int32)}
+  steps['student_supervised'] = measure_step(
+      functools.partial(mpl.supervised_step, hparams=student_hparams), student_state, student_batch, rng,
+      examples=unlabeled, warmup=warmup, repeats=repeats)
+
+  base_hparams = mpl.MplHparams.from_config(config)
+  for mode in feedback_modes:
+    hparams = dataclasses.replace(base_hparams, feedback=mode,
+                                  pseudo_labels='hard' if mode != 'exact' else base_hparams.pseudo_labels)
+    state = jax.jit(lambda r: train_state.create_mpl_state(r, config, teacher_model, student_model, shape))(rng)
+    steps[f'mpl_{mode}'] = measure_step(functools.partial(mpl.mpl_step, hparams=hparams), state, batch, rng,
+                                        examples=labeled + unlabeled, warmup=warmup, repeats=repeats)
+  return dict(steps=steps, floor_flops=floor_flops(config, teacher_model, student_model, batch))
+
+
+def _synthetic_image_config(config, directory: str):
+  """A copy of `config` reading random uint8 images of its shapes from an .npz written to `directory`.
+
+  The pool is small (the in-memory pipeline's cost per example does not depend on the pool's size): every class
+  labeled, one labeled batch, and two steps' worth of unlabeled images.
+  """
+  config = copy.deepcopy(config)
+  data = config.dataset
+  num_classes, side = data.num_classes, data.image_size
+  num_labeled = max(num_classes, config.batch_size)
+  num_train = num_labeled + 2 * config.uda_ratio * config.batch_size
+  rng = np.random.default_rng(0)
+  path = os.path.join(directory, 'synthetic.npz')
+  np.savez(path, x_train=rng.integers(0, 256, (num_train, side, side, 3), np.uint8),
+           y_train=np.arange(num_train, dtype=np.int32) % num_classes,
+           x_test=rng.integers(0, 256, (num_classes, side, side, 3), np.uint8),
+           y_test=np.arange(num_classes, dtype=np.int32))
+  data.source, data.data_dir, data.in_memory = 'npz', path, True
+  data.num_labeled, data.num_validation, data.num_unlabeled, data.unlabeled_source = num_labeled, 0, -1, ''
+  return config
+
+
+def measure_input_pipeline(config, num_batches: int, step_examples_per_second: float,
+                           data: str = 'synthetic') -> dict[str, Any]:
+  """examples/s of `input_pipeline.create(config).mpl_batches()` alone, and its ratio to what the step consumes.
+
+  An example is one labeled image or one unlabeled image with both its views (B + mu*B per batch), as counted for
+  the steps. `data`: 'synthetic' draws random images of the config's shapes through the real pipeline (in memory:
+  augmentation and batching, no decoding, which in-memory data sets do once at load); 'config' reads the config's
+  own data set (streaming TFDS data then includes JPEG decoding). Vector data (TwoMoon) is always the config's.
+  TensorFlow is imported here only: without it the measurement is skipped with a note.
+  """
+  if importlib.util.find_spec('tensorflow') is None:
+    return dict(skipped='TensorFlow is not installed (the input pipeline runs on tf.data)')
+  from meta_pseudo_labels import input_pipeline  # pylint: disable=g-import-not-at-top
+  examples_per_batch = config.batch_size * (1 + config.uda_ratio)
+  synthetic = data == 'synthetic' and config.dataset.source != 'two_moons'
+  with tempfile.TemporaryDirectory() as directory:
+    pipeline = input_pipeline.create(_synthetic_image_config(config, directory) if synthetic else config)
+    batches = pipeline.mpl_batches(0)
+    next(batches)  # start-up: tf.data tracing and the first prefetch
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      next(batches)
+    seconds = time.perf_counter() - start
+  examples_per_second = num_batches * examples_per_batch / seconds
+  return dict(data='synthetic images' if synthetic else f'{config.dataset.source}:{config.dataset.name}',
+              batches=num_batches, examples_per_batch=examples_per_batch, examples_per_second=examples_per_second,
+              step_examples_per_second=step_examples_per_second,
+              over_step=examples_per_second / step_examples_per_second)
+
+
+def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul_flops_per_second: float) -> dict[str, Any]:
+  """Per feedback mode: FLOPs over the floor, time over the two supervised steps, FLOP/s over the matmul's."""
+  supervised_seconds = steps['teacher_supervised']['step_seconds'] + steps['student_supervised']['step_seconds']
+  reference = steps.get('mpl_hard_taylor')
+  ratios = {}
+  for name, record in steps.items():
+    if not name.startswith('mpl_'):
+      continue
+    mode = ratios[name[len('mpl_'):]] = dict(
+        flops_over_floor=record['flops'] / floor['total'],
+        time_over_supervised=record['step_seconds'] / supervised_seconds,
+        flops_per_second_over_matmul=record['flops_per_second'] / matmul_flops_per_second)
+    if reference is not None:
+      mode['flops_over_hard_taylor'] = record['flops'] / reference['flops']
+      mode['time_over_hard_taylor'] = record['step_seconds'] / reference['step_seconds']
+  return ratios
+
+
+def device_description() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return dict(platform=device.platform, device_kind=device.device_kind, num_devices=jax.device_count(),
+              host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
+
+
+def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int = 1, repeats: int = 3,
+        matmul_size: int = 2048, pipeline_batches: int = 0, pipeline_data: str = 'synthetic') -> dict[str, Any]:
+  """The whole benchmark for `config` (attribute access) in this process; returns a JSON-serialisable dict.
+
+  The matmul reference is timed before and after the steps and the faster of the two is used, so background
+  load on a shared machine lowers, never inflates, the MPL step's fraction of it. `pipeline_batches` 0 skips the
+  input-pipeline measurement; `pipeline_data` is 'synthetic' or 'config' (see `measure_input_pipeline`).
+  """
+  if pipeline_data not in PIPELINE_DATA:
+    raise errors.ConfigError(f'pipeline_data: unknown {pipeline_data!r}; choose one of {list(PIPELINE_DATA)}')
+  unknown = sorted(set(feedback_modes) - set(FEEDBACK_MODES))
+  if unknown:
+    raise errors.ConfigError(f'feedback_modes: unknown {unknown}; choose from {list(FEEDBACK_MODES)}')
+  matmul_before = matmul_reference(matmul_size, warmup, repeats)
+  measured = measure_steps(config, feedback_modes=feedback_modes, warmup=warmup, repeats=repeats)
+  matmul_after = matmul_reference(matmul_size, warmup, repeats)
+  matmul = max(matmul_before, matmul_after, key=lambda record: record['flops_per_second'])
+  matmul['flops_per_second_before_after'] = [matmul_before['flops_per_second'], matmul_after['flops_per_second']]
+  steps, floor = measured['steps'], measured['floor_flops']
+  result = dict(
+      device=device_description(),
+      workload=dict(teacher=config.model.name,
+                    student=getattr(config.student_model, 'name', '') or config.model.name,
+                    dtype=getattr(config.model, 'dtype', 'float32'), batch_size=config.batch_size,
+                    uda_ratio=config.uda_ratio, input_shape=list(input_shape(config)),
+                    num_classes=config.dataset.num_classes, warmup=warmup, repeats=repeats),
+      matmul=matmul, steps=steps, floor_flops=floor,
+      mpl=_ratios(steps, floor, matmul['flops_per_second']))
+  if pipeline_batches:
+    consumed = max(record['examples_per_second'] for name, record in steps.items() if name.startswith('mpl_'))
+    result['input_pipeline'] = measure_input_pipeline(config, pipeline_batches, consumed, pipeline_data)
+  return result
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+def format_report(result: dict[str, Any]) -> str:
+  """The benchmark as text tables (what `--json` prints as one object)."""
+  device, workload, matmul = result['device'], result['workload'], result['matmul']
+  lines = [
+      f"device: {device['device_kind']} ({device['platform']}), {device['num_devices']} device(s), "
+      f"{device['host_cpu_count']} host CPUs, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}",
+      f"workload: teacher {workload['teacher']}, student {workload['student']}, {workload['dtype']}, "
+      f"B={workload['batch_size']}, mu={workload['uda_ratio']}, input {'x'.join(map(str, workload['input_shape']))}"
+      f", median of {workload['repeats']} steps after {workload['warmup']} warm-up",
+      f"matmul {matmul['size']}^2 float32: {matmul['flops_per_second'] / 1e9:.1f} GFLOP/s "
+      f"(before/after: {', '.join(f'{v / 1e9:.1f}' for v in matmul['flops_per_second_before_after'])})",
+      '',
+      f"{'step':<20}{'compile s':>10}{'step s':>10}{'ex/s':>9}{'GFLOP':>10}{'GFLOP/s':>9}{'peak MiB':>10}"
+      f"{'donated':>9}{'convs':>7}{'host io':>8}",
+  ]
+  for name, record in result['steps'].items():
+    memory = record['memory']
+    lines.append(
+        f"{name:<20}{record['compile_seconds']:>10.1f}{record['step_seconds']:>10.3f}"
+        f"{record['examples_per_second']:>9.1f}{record['flops'] / 1e9:>10.4g}{record['flops_per_second'] / 1e9:>9.1f}"
+        f"{memory['peak_bytes'] / 2**20:>10.1f}{memory['donated_fraction']:>9.2f}{record['hlo']['convolutions']:>7}"
+        f"{record['hlo']['host_transfers']:>8}")
+  floor = result['floor_flops']
+  lines += [
+      '',
+      f"floor: teacher fwd+bwd {floor['teacher_forward_backward'] / 1e9:.4g} + student fwd+bwd "
+      f"{floor['student_forward_backward'] / 1e9:.4g} + 2 x student fwd on x_l "
+      f"{floor['student_forward_labeled'] / 1e9:.4g} = {floor['total'] / 1e9:.4g} GFLOP",
+      f"{'mode':<14}{'FLOPs/floor':>12}{'time/(T+S sup)':>16}{'FLOP/s / matmul':>17}{'FLOPs/taylor':>14}"
+      f"{'time/taylor':>13}",
+  ]
+  for mode, ratios in result['mpl'].items():
+    lines.append(
+        f"{mode:<14}{ratios['flops_over_floor']:>12.3f}{ratios['time_over_supervised']:>16.3f}"
+        f"{ratios['flops_per_second_over_matmul']:>17.3f}{ratios.get('flops_over_hard_taylor', float('nan')):>14.3f}"
+        f"{ratios.get('time_over_hard_taylor', float('nan')):>13.3f}")
+  pipeline = result.get('input_pipeline')
+  if pipeline:
+    lines.append('')
+    if 'skipped' in pipeline:
+      lines.append(f"input pipeline: skipped ({pipeline['skipped']})")
+    else:
+      lines.append(f"input pipeline ({pipeline['data']}): {pipeline['examples_per_second']:.1f} examples/s, "
+                   f"{pipeline['over_step']:.2f}x what the fastest MPL step consumes "
+                   f"({pipeline['step_examples_per_second']:.1f} examples/s)")
+  return '\n'.join(lines)
+
+
+# ---- command line (the only place that needs absl and ml_collections) ------------------------------------------
+
+def _main():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flag = config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file, e.g. configs/cifar10_4k.py:cpu; override fields with --config.x=y.',
+      lock_config=True)
+  json_flag = flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.')
+  modes_flag = flags.DEFINE_list('feedback_modes', list(FEEDBACK_MODES), 'MPL feedback modes to time.')
+  warmup_flag = flags.DEFINE_integer('warmup', 1, 'Untimed steps before timing (the first run after compile).')
+  repeats_flag = flags.DEFINE_integer('repeats', 3, 'Timed steps per measurement; the median is reported.')
+  matmul_flag = flags.DEFINE_integer('matmul_size', 2048, 'Side of the square float32 matmul reference.')
+  pipeline_flag = flags.DEFINE_integer('pipeline_batches', 20, 'Batches drawn from the input pipeline; 0 skips.')
+  pipeline_data_flag = flags.DEFINE_enum('pipeline_data', 'synthetic', PIPELINE_DATA,
+                                         "The input pipeline's data: random images of the config's shapes, or "
+                                         "the config's own data set.")
+  flags.mark_flags_as_required(['config'])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    for name, flag in (('warmup', warmup_flag), ('repeats', repeats_flag), ('matmul_size', matmul_flag),
+                       ('pipeline_batches', pipeline_flag)):
+      if flag.value < (1 if name in ('repeats', 'matmul_size') else 0):
+        raise app.UsageError(f'--{name} must be positive, got {flag.value}')
+    try:
+      result = run(config_flag.value, feedback_modes=modes_flag.value, warmup=warmup_flag.value,
+                   repeats=repeats_flag.value, matmul_size=matmul_flag.value,
+                   pipeline_batches=pipeline_flag.value, pipeline_data=pipeline_data_flag.value)
+    except errors.MplError as error:
+      sys.exit(f'error: {error}')
+    print(json.dumps(result, indent=1) if json_flag.value else format_report(result))
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()

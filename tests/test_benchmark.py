@@ -3,13 +3,20 @@
 Speeds are never asserted (the machine is shared): only that every field is present, positive and finite, and that
 the measurements mean what they claim (FLOPs of a known matmul, donation seen in the memory analysis).
 """
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from meta_pseudo_labels import benchmark
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_xla_flops_counts_two_per_multiply_add():
@@ -49,3 +56,72 @@ def test_matmul_reference_is_positive_and_finite():
   record = benchmark.matmul_reference(128, warmup=1, repeats=2)
   assert record['flops'] == 2 * 128 ** 3
   assert math.isfinite(record['flops_per_second']) and record['flops_per_second'] > 0
+
+
+TINY_CONFIG = '''
+from configs import common
+
+
+def get_config():
+  """A TwoMoon-sized MPL workload: the MLP, 4 labeled and 8 unlabeled points, UDA on."""
+  config = common.get_base_config()
+  config.dataset.source = 'two_moons'
+  config.dataset.num_classes = 2
+  config.dataset.num_labeled = 4
+  config.dataset.num_validation = 0
+  config.dataset.augment = 'none'
+  config.model.name = 'mlp'
+  config.model.dropout_rate = 0.0
+  config.batch_size = 4
+  config.uda_ratio = 2
+  config.uda.weight = 1.0
+  return common.shrink_for_cpu(config, steps=10)
+'''
+
+STEPS = ('teacher_supervised', 'student_supervised', 'mpl_exact', 'mpl_hard_dot', 'mpl_hard_taylor')
+
+
+def _positive_finite(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_benchmark_command_prints_every_field(tmp_path):
+  config_path = tmp_path / 'tiny.py'
+  config_path.write_text(TINY_CONFIG)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  completed = subprocess.run(
+      [sys.executable, '-m', 'meta_pseudo_labels.benchmark', f'--config={config_path}', '--json', '--warmup=1',
+       '--repeats=2', '--matmul_size=128', '--pipeline_batches=3'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  result = json.loads(completed.stdout)
+
+  assert result['device']['platform'] == 'cpu'
+  assert result['workload']['batch_size'] == 4 and result['workload']['uda_ratio'] == 2
+  assert _positive_finite(result['matmul']['flops_per_second'])
+  assert set(result['steps']) == set(STEPS)
+  for name, record in result['steps'].items():
+    for field in ('compile_seconds', 'step_seconds', 'examples_per_second', 'flops', 'flops_per_second'):
+      assert _positive_finite(record[field]), (name, field, record[field])
+    assert _positive_finite(record['memory']['peak_bytes']), name
+    assert record['memory']['donated_fraction'] > 0.9, name   # the state is updated in place
+    assert record['hlo']['host_transfers'] == 0, name
+  assert result['steps']['mpl_hard_taylor']['examples_per_step'] == 4 + 8
+  assert result['steps']['student_supervised']['examples_per_step'] == 8
+
+  floor = result['floor_flops']
+  assert floor['total'] == pytest.approx(floor['teacher_forward_backward'] + floor['student_forward_backward']
+                                         + 2 * floor['student_forward_labeled'])
+  assert set(result['mpl']) == {'exact', 'hard_dot', 'hard_taylor'}
+  for mode, ratios in result['mpl'].items():
+    for field in ('flops_over_floor', 'time_over_supervised', 'flops_per_second_over_matmul',
+                  'flops_over_hard_taylor', 'time_over_hard_taylor'):
+      assert _positive_finite(ratios[field]), (mode, field)
+  # The exact mode differentiates through the student's update: strictly more work than hard_taylor.
+  assert result['mpl']['exact']['flops_over_hard_taylor'] > 1.0
+
+  pipeline = result['input_pipeline']
+  if 'skipped' not in pipeline:
+    assert _positive_finite(pipeline['examples_per_second'])
+    assert _positive_finite(pipeline['over_step'])
