@@ -320,10 +320,10 @@ def test_model_group_size_reaches_every_batch_norm():
   pairs = models.create_model(model_config('wrn10_1', dropout_rate=0.0), 3, bn_group_size=2)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   changed = x.at[1].set(-3.0 * x[1])
+  variables = lecun_variables(per_example, x)
 
   @jax.jit
   def forward(x, changed):
-    variables = per_example.init({'params': jax.random.key(0)}, x, train=False)
     train = lambda model, x: model.apply(variables, x, train=True, mutable=['batch_stats'])[0]
     return train(per_example, x), train(per_example, changed), train(pairs, x)
 
