@@ -56,6 +56,8 @@ def test_matmul_reference_is_positive_and_finite():
   record = benchmark.matmul_reference(128, warmup=1, repeats=2)
   assert record['flops'] == 2 * 128 ** 3
   assert math.isfinite(record['flops_per_second']) and record['flops_per_second'] > 0
+  # Process CPU time counts every thread, so it is at least a small part of the wall time (not 0, not NaN).
+  assert math.isfinite(record['flops_per_cpu_second']) and record['cpu_seconds'] > 0
 
 
 TINY_CONFIG = '''
@@ -100,9 +102,11 @@ def test_benchmark_command_prints_every_field(tmp_path):
   assert result['device']['platform'] == 'cpu'
   assert result['workload']['batch_size'] == 4 and result['workload']['uda_ratio'] == 2
   assert _positive_finite(result['matmul']['flops_per_second'])
+  assert _positive_finite(result['matmul']['flops_per_cpu_second'])
   assert set(result['steps']) == set(STEPS)
   for name, record in result['steps'].items():
-    for field in ('compile_seconds', 'step_seconds', 'examples_per_second', 'flops', 'flops_per_second'):
+    for field in ('compile_seconds', 'step_seconds', 'step_cpu_seconds', 'examples_per_second', 'flops',
+                  'flops_per_second', 'flops_per_cpu_second'):
       assert _positive_finite(record[field]), (name, field, record[field])
     assert _positive_finite(record['memory']['peak_bytes']), name
     assert record['memory']['donated_fraction'] > 0.9, name   # the state is updated in place
@@ -115,8 +119,9 @@ def test_benchmark_command_prints_every_field(tmp_path):
                                          + 2 * floor['student_forward_labeled'])
   assert set(result['mpl']) == {'exact', 'hard_dot', 'hard_taylor'}
   for mode, ratios in result['mpl'].items():
-    for field in ('flops_over_floor', 'time_over_supervised', 'flops_per_second_over_matmul',
-                  'flops_over_hard_taylor', 'time_over_hard_taylor'):
+    for field in ('flops_over_floor', 'time_over_supervised', 'cpu_time_over_supervised',
+                  'flops_per_second_over_matmul', 'flops_per_cpu_second_over_matmul', 'flops_over_hard_taylor',
+                  'time_over_hard_taylor', 'cpu_time_over_hard_taylor'):
       assert _positive_finite(ratios[field]), (mode, field)
   # The exact mode differentiates through the student's update: strictly more work than hard_taylor.
   assert result['mpl']['exact']['flops_over_hard_taylor'] > 1.0
