@@ -11,10 +11,20 @@ Which cluster this process is part of is read from the environment, in this orde
    JAX reads the pod's workers from the TPU metadata. A single-host TPU VM is a pod of one.
 4. None of these: a single process, nothing to initialise.
 
-Heartbeats: the coordinator declares a process dead when it has not been heard from for
-`MPL_HEARTBEAT_TIMEOUT_SECONDS` (default 100 s, JAX's default), and every other process then stops with an error,
-so a crashed or killed peer ends the whole run in bounded time instead of leaving the others blocked in a
-collective forever. `MPL_SHUTDOWN_TIMEOUT_SECONDS` (default 300 s) bounds the wait for the others at exit and
+A dead peer ends the run in bounded time, with one line, on every surviving process:
+
+- A peer that dies (crash, OOM kill, preemption, `kill -9`) closes its connections: the survivors' next collective
+  fails at once (gloo on CPU: "Connection closed by peer"; NCCL / ICI report their own transport errors).
+  `exit_if_peer_lost` (called by `main`) recognises such an error, prints one line naming this process and what to
+  do, and exits with `PEER_LOST_EXIT_CODE` (75, EX_TEMPFAIL: rerun to resume from the last checkpoint) through
+  `os._exit`: JAX's exit handler would otherwise wait at a shutdown barrier the dead peer never reaches and then
+  abort with a page of C++ stack.
+- A peer that hangs without closing its connections (a stopped VM, a network partition) stops sending heartbeats:
+  the coordinator declares it dead after `MPL_HEARTBEAT_TIMEOUT_SECONDS` (default 100 s, JAX's default) and JAX
+  terminates every other process ("the JAX distributed service detected fatal errors ... another task died").
+  If the coordinator (process 0) itself is lost, the others notice within the same timeout.
+
+`MPL_SHUTDOWN_TIMEOUT_SECONDS` (default 300 s) bounds the wait for the others at a normal exit and
 `MPL_INITIALIZATION_TIMEOUT_SECONDS` (default 300 s) the wait for all processes to join at start.
 """
 
@@ -22,6 +32,8 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import re
+import sys
 from typing import Mapping, Optional
 
 import jax
@@ -30,6 +42,11 @@ from meta_pseudo_labels import errors
 
 EXPLICIT_VARIABLES = ('MPL_COORDINATOR_ADDRESS', 'MPL_NUM_PROCESSES', 'MPL_PROCESS_ID')
 SLURM_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+PEER_LOST_EXIT_CODE = 75   # EX_TEMPFAIL: not the user's fault; rerunning the same command resumes
+# Fragments of the errors a collective or the coordination service raises when another process has gone away.
+PEER_LOST_SIGNS = ('closed by peer', 'reset by peer', 'broken pipe', 'heartbeat', 'unhealthy', 'task died',
+                   'socket closed', 'connection refused', 'failed to connect', 'barrier failed', 'gloo',
+                   'nccl', 'coordination service', 'unavailable:')
 TIMEOUT_DEFAULTS = {
     'MPL_HEARTBEAT_TIMEOUT_SECONDS': 100,
     'MPL_SHUTDOWN_TIMEOUT_SECONDS': 300,
@@ -120,3 +137,39 @@ def initialize(environ: Mapping[str, str] = os.environ) -> Cluster:
   else:  # 'slurm' and 'tpu': JAX detects the coordinator, the process count and id itself.
     jax.distributed.initialize(**kwargs)
   return cluster
+
+
+def lost_peer_message(error: BaseException) -> Optional[str]:
+  """One line for an error caused by another process going away, or None if `error` is anything else.
+
+  Only in a multi-process run: a single process has no peers, and its errors are its own.
+  """
+  if not jax.distributed.is_initialized() or jax.process_count() < 2:
+    return None
+  text = str(error)
+  lowered = text.lower()
+  sign = next((s for s in PEER_LOST_SIGNS if s in lowered), None)
+  if sign is None:
+    return None
+  # XLA nests the cause under one 'Error dispatching computation: ' per pending computation; keep the cause.
+  detail = re.sub(r'^(INTERNAL: )?(Error dispatching computation: )+', '', text.strip().splitlines()[0])
+  if len(detail) > 160:
+    detail = detail[:157] + '...'
+  return (f'process {jax.process_index()} of {jax.process_count()}: lost contact with another process ({detail}); '
+          'it crashed, was killed or was preempted: see its log for why, then rerun the same command on every '
+          'process to resume from the last checkpoint')
+
+
+def exit_if_peer_lost(error: BaseException) -> None:
+  """If `error` means a peer is gone: print one line and exit now with PEER_LOST_EXIT_CODE; else return.
+
+  `os._exit` skips JAX's atexit shutdown, which would block at a barrier the dead process never reaches (up to
+  the shutdown timeout) and then abort the interpreter; there is nothing left to save (the last checkpoint was
+  committed by all processes together, and no process can complete a new one without the dead peer).
+  """
+  message = lost_peer_message(error)
+  if message is None:
+    return
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(PEER_LOST_EXIT_CODE)  # pylint: disable=protected-access

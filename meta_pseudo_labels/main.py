@@ -119,6 +119,9 @@ def main(argv):
   except errors.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)
+  except Exception as e:  # pylint: disable=broad-except  # a dead peer: one line, prompt exit (distributed.py)
+    distributed.exit_if_peer_lost(e)
+    raise
 
 
 def run():

@@ -90,7 +90,11 @@ def create_mesh(mesh_config: Any, devices: Optional[Sequence[Any]] = None) -> Me
         (data // num_slices,) + shape[1:], (num_slices, 1, 1), devices)
     mesh = Mesh(device_array, MESH_AXES, axis_types=axis_types)
   else:
-    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    try:
+      mesh = jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # an axis (e.g. spatial=2) is no product of the TPU's physical axes (e.g. 8x8x16)
+      device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      mesh = Mesh(device_array, MESH_AXES, axis_types=axis_types)
   _check_spatial_within_process(mesh)
   return mesh
 

@@ -1,0 +1,424 @@
+r"""Compiles the real MPL training step ahead of time for a TPU topology this machine does not have.
+
+    python -m meta_pseudo_labels.compile_check --config=configs/imagenet.py --topology=v4-32 \
+        [--config.mesh.fsdp=16 --config.mesh.spatial=2 ...] [--num_slices=2] [--json]
+
+Why: a pod run fails late and expensively when the step does not fit in HBM (after the VMs are created, the data
+is staged and every host has compiled). XLA's TPU compiler is in libtpu, and libtpu can compile for a described
+topology without any TPU attached (`jax.experimental.topologies.get_topology_desc`), so the exact program a pod
+would run can be compiled, and its memory and FLOPs read, on a laptop or a CPU-only CI machine.
+
+What is compiled is what `train.py` jits for the MPL phase: `train.guarded_step(mpl.mpl_step)` (the divergence guard
+and on-device metric sums included), with the state sharded by `sharding.state_shardings` (FSDP rules), the global
+batch by `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the state and metric sums donated,
+on the mesh `sharding.create_mesh` builds from `config.mesh` over the topology's devices. Nothing is executed.
+
+Printed: per-device memory (arguments, outputs, temporaries, generated code, and the bytes outputs reuse from
+donated arguments), their total against the chip's HBM, FLOPs per step (XLA's cost analysis of the per-device SPMD
+program, and times the device count), and whether the step fits. A step that does not fit is reported as such with
+the compiler's own figures (XLA:TPU refuses to compile a program that exceeds HBM), exit status 1; user errors
+(unknown topology, a mesh that does not divide the devices, libtpu missing) are one line and exit status 2.
+
+Topologies: `v4-N`, `v5p-N` (N TensorCores, two per chip, one megacore device per chip, 3-D torus), `v5e-N`,
+`v6e-N` (N chips, one core each, 2-D), `v3-N` (N cores, two devices per chip, 2-D); N a power of two (v4-8,
+v5e-16, v6e-256, ...). Any other slice shape can be given as `generation:AxBxC` in chips, e.g. `v5p:4x4x12`.
+
+Needs libtpu (`pip install -e '.[tpu]'`; kept out of requirements.txt). Works on a TPU VM too; there
+`ALLOW_MULTIPLE_LIBTPU_LOAD=1` (set here unless already set) lets it run next to a training job holding the chips.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+
+from meta_pseudo_labels import errors
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """What a TPU generation looks like to libtpu's topology description and to JAX."""
+  libtpu_name: str        # prefix of libtpu's topology name ('v5' is v5p)
+  dims: int               # 2-D (v3, v5e, v6e) or 3-D (v4, v5p) chip mesh
+  cores_per_chip: int     # TensorCores counted in the slice name (v4-8 = 4 chips)
+  megacore: bool          # the two cores of a chip are one JAX device
+  hbm_bytes_per_device: int
+  wrap_edge: int          # a chip-mesh dimension of this size (or more, 3-D: all >= 4) is a torus ring
+
+
+GENERATIONS = {
+    'v3': Generation('v3', 2, 2, False, 16 * GiB, 32),    # 32 GiB per chip, 16 per core (= device)
+    'v4': Generation('v4', 3, 2, True, 32 * GiB, 4),
+    'v5p': Generation('v5', 3, 2, True, 95 * GiB, 4),
+    'v5e': Generation('v5e', 2, 1, False, 16 * GiB, 16),
+    'v6e': Generation('v6e', 2, 1, False, 32 * GiB, 16),
+}
+ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6': 'v6e'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str                      # as given, e.g. 'v4-32'
+  generation: str                # key of GENERATIONS
+  chips: tuple[int, ...]         # chip-mesh shape
+  num_slices: int = 1
+
+  @property
+  def spec(self) -> Generation:
+    return GENERATIONS[self.generation]
+
+  @property
+  def libtpu_topology(self) -> str:
+    return f'{self.spec.libtpu_name}:{"x".join(map(str, self.chips))}'
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(self.chips)
+
+  @property
+  def num_devices(self) -> int:
+    per_chip = 1 if self.spec.megacore else self.spec.cores_per_chip
+    return self.num_chips * per_chip * self.num_slices
+
+  @property
+  def wrap(self) -> tuple[bool, bool, bool]:
+    edge = self.spec.wrap_edge
+    if self.spec.dims == 3:
+      ring = all(size >= edge for size in self.chips)
+      return (ring,) * 3
+    return tuple(size >= edge for size in self.chips) + (False,)
+
+
+def _chip_shape(num_chips: int, dims: int) -> tuple[int, ...]:
+  """Google's slice shapes for a power-of-two chip count: 3-D from 2x2x1, 2-D from 1x1, doubling the smallest
+  dimension (the last of equals): v4-32 = 2x2x4, v4-64 = 2x4x4, v5e-32 = 4x8, v6e-256 = 16x16."""
+  shape = [2, 2, 1] if dims == 3 and num_chips >= 4 else [1] * dims
+  while math.prod(shape) < num_chips:
+    smallest = min(shape)
+    index = max(i for i, size in enumerate(shape) if size == smallest)
+    shape[index] *= 2
+  if math.prod(shape) != num_chips:
+    raise ValueError(num_chips)
+  return tuple(shape)
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  """`v4-32`, `v5p-128`, `v5e-16`, `v6e-256`, `v3-32`, or `generation:AxB[xC]` in chips; raises ConfigError."""
+  known = ', '.join(sorted(GENERATIONS))
+  if not isinstance(num_slices, int) or num_slices < 1:
+    raise errors.ConfigError(f'--num_slices: {num_slices!r} must be a positive integer')
+  match = re.fullmatch(r'(v\w+?)[-:](.+)', name.strip().lower())
+  generation = ALIASES.get(match.group(1), match.group(1)) if match else None
+  if generation not in GENERATIONS:
+    raise errors.ConfigError(f'--topology: {name!r} is not a TPU slice of a known generation ({known}); use e.g. '
+                             'v4-32, v5p-64, v5e-16, v6e-256 or generation:AxBxC (chips), e.g. v5p:4x4x12')
+  spec = GENERATIONS[generation]
+  size = match.group(2)
+  if name.strip().lower().startswith(f'{match.group(1)}:'):
+    chips = tuple(int(x) for x in size.split('x')) if re.fullmatch(r'\d+(x\d+)*', size) else ()
+    if len(chips) != spec.dims or min(chips) < 1:
+      raise errors.ConfigError(f'--topology: {name!r}: a {generation} chip mesh has {spec.dims} dimensions, e.g. '
+                               f'{generation}:{"x".join(["2"] * spec.dims)}')
+    return Topology(name, generation, chips, num_slices)
+  if not size.isdigit() or int(size) % spec.cores_per_chip:
+    raise errors.ConfigError(f'--topology: {name!r}: the size after {match.group(1)}- counts TensorCores '
+                             f'({spec.cores_per_chip} per {generation} chip), e.g. {generation}-'
+                             f'{8 * spec.cores_per_chip}')
+  num_chips = int(size) // spec.cores_per_chip
+  try:
+    chips = _chip_shape(num_chips, spec.dims)
+  except ValueError:
+    raise errors.ConfigError(f'--topology: {name!r}: {num_chips} chips is not a power of two; give the chip mesh '
+                             f'as {generation}:AxB{"xC" if spec.dims == 3 else ""}') from None
+  return Topology(name, generation, chips, num_slices)
+
+
+# ---- libtpu ------------------------------------------------------------------------------------------------------
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec('libtpu') is not None
+
+
+LIBTPU_MISSING = ("libtpu is not installed, and XLA's TPU compiler lives in it: pip install -e '.[tpu]' (the "
+                  'libtpu release matching this jax) and run again')
+
+
+def topology_devices(topology: Topology) -> list:
+  """The JAX devices of a TPU topology, described by libtpu (compile-only: nothing can run on them)."""
+  if not libtpu_available():
+    raise errors.ConfigError(LIBTPU_MISSING)
+  # libtpu takes /tmp/libtpu_lockfile for the chips of this host; describing a topology uses no chips, so this
+  # must not fail (or block) because a training job, or another process that probed for TPUs, holds it.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # Chips per host: 2x2 on every multi-host slice of these generations (fewer on a slice smaller than a host).
+  chips = topology.chips + (1,) * (3 - len(topology.chips))
+  hosts = tuple(min(size, bound) for size, bound in zip(chips, (2, 2, 1)))
+  try:
+    description = topologies.get_topology_desc(
+        platform='tpu', topology_name=topology.libtpu_topology,
+        chip_config_name='megacore' if topology.spec.megacore else 'default', chips_per_host_bounds=hosts,
+        num_slices=topology.num_slices, wrap=topology.wrap)
+  except Exception as e:  # pylint: disable=broad-except  # libtpu raises JaxRuntimeError / RuntimeError
+    raise errors.ConfigError(f'--topology {topology.name}: libtpu cannot describe {topology.libtpu_topology} '
+                             f'({_first_line(e)}); check the name, or the libtpu version (pip install -e .[tpu])'
+                             ) from None
+  devices = list(description.devices)
+  if len(devices) != topology.num_devices:
+    raise errors.ConfigError(f'--topology {topology.name}: libtpu describes {len(devices)} devices, expected '
+                             f'{topology.num_devices}; give the chip mesh explicitly, e.g. '
+                             f'{topology.generation}:{"x".join(map(str, topology.chips))}')
+  return devices
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
+# ---- the compile -------------------------------------------------------------------------------------------------
+
+
+def _example_shape(config) -> tuple[int, ...]:
+  if config.dataset.source == 'two_moons':
+    return (2,)
+  return (config.dataset.image_size, config.dataset.image_size, 3)
+
+
+def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global MPL batch `input_pipeline` yields (summed over hosts): B labeled, two views of mu B unlabeled."""
+  labeled, unlabeled = config.batch_size, config.batch_size * config.uda_ratio
+  shape = _example_shape(config)
+  image = lambda n: jax.ShapeDtypeStruct((n, *shape), jax.numpy.float32)
+  return {'labeled_image': image(labeled),
+          'labeled_label': jax.ShapeDtypeStruct((labeled,), jax.numpy.int32),
+          'unlabeled_weak': image(unlabeled),
+          'unlabeled_strong': image(unlabeled)}
+
+
+def lower_mpl_step(config, devices):
+  """`train.py`'s jitted MPL step (guard and metric sums included), lowered for `devices`; returns (lowered, info).
+
+  Lowering needs only abstract values: the state's shapes come from `jax.eval_shape` of its initialiser.
+  """
+  # train.py holds guarded_step; it imports the input pipeline (TensorFlow), acceptable for a command-line tool.
+  from meta_pseudo_labels import config_validation  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels import models  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels import mpl  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels import sharding  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels import train  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels import train_state  # pylint: disable=g-import-not-at-top
+
+  if config.method != 'mpl':
+    raise errors.ConfigError(f'method: {config.method!r}; compile_check compiles the MPL step, use a config with '
+                             "method='mpl'")
+  config_validation.validate(config, len(devices))
+  mesh = sharding.create_mesh(config.mesh, devices)
+  create = functools.partial(models.create_model, num_classes=config.dataset.num_classes,
+                             bn_group_size=config.batch_norm_group_size)
+  teacher = create(config.model)
+  student = create(config.student_model if config.student_model.name else config.model)
+  rng = jax.random.key(config.seed)
+  state = jax.eval_shape(lambda r: train_state.create_mpl_state(r, config, teacher, student, _example_shape(config)),
+                         rng)
+  state_shardings = sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
+  batch = abstract_batch(config)
+  batch_shardings = sharding.batch_shardings(batch, mesh)
+  replicated = sharding.replicated(mesh)
+  step = functools.partial(mpl.mpl_step, hparams=mpl.MplHparams.from_config(config))
+  _, metrics = jax.eval_shape(step, state, batch, rng)
+  accumulator = jax.eval_shape(functools.partial(train.empty_accumulator, sorted(metrics)))
+  accumulator_shardings = jax.tree.map(lambda _: replicated, accumulator)
+  jitted = jax.jit(functools.partial(train.guarded_step, step, config.on_nonfinite == 'skip'),
+                   in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
+                   out_shardings=(state_shardings, accumulator_shardings), donate_argnums=(0, 1))
+  with_sharding = lambda tree, shardings: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+  lowered = jitted.lower(with_sharding(state, state_shardings), with_sharding(accumulator, accumulator_shardings),
+                         with_sharding(batch, batch_shardings), jax.ShapeDtypeStruct(rng.shape, rng.dtype,
+                                                                                     sharding=replicated))
+  nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  shard_bytes = lambda tree, shardings: sum(
+      math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+      for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+  info = {
+      'mesh': {axis: int(size) for axis, size in mesh.shape.items()},
+      'teacher': config.model.name,
+      'student': config.student_model.name or config.model.name,
+      'dtype': config.model.dtype,
+      'feedback': config.mpl.feedback,
+      'batch_size': config.batch_size,
+      'uda_ratio': config.uda_ratio,
+      'input_shape': list(_example_shape(config)),
+      'examples_per_step': config.batch_size * (1 + 2 * config.uda_ratio),
+      'state_bytes': nbytes(state),
+      'state_bytes_per_device': shard_bytes(state, state_shardings),
+      'batch_bytes_per_device': shard_bytes(batch, batch_shardings),
+      'parameters': {'teacher': sum(math.prod(x.shape) for x in jax.tree.leaves(state.teacher.params)),
+                     'student': sum(math.prod(x.shape) for x in jax.tree.leaves(state.student.params))},
+  }
+  return lowered, info
+
+
+# XLA:TPU's out-of-memory messages, e.g. "... required for HLO temporaries (25.88G) exceeds available HBM
+# (15.75G)" or "Used 45.6G of 31.7G hbm": the required and available figures.
+OOM_PATTERNS = (re.compile(r'\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)', re.IGNORECASE),
+                re.compile(r'Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm', re.IGNORECASE))
+
+
+def _out_of_memory(error: BaseException) -> Optional[str]:
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text or 'out of memory' in text.lower():
+    return text
+  return None
+
+
+def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
+  """Per-device bytes of one step; `total` = arguments + outputs not aliased to a donated argument + temporaries
+  + generated code: the buffers alive at the step's peak, bounded above."""
+  stats = compiled.memory_analysis()
+  part = lambda name: int(getattr(stats, name, 0) or 0)
+  report = {
+      'arguments': part('argument_size_in_bytes'),
+      'outputs': part('output_size_in_bytes'),
+      'aliased': part('alias_size_in_bytes'),
+      'temporaries': part('temp_size_in_bytes'),
+      'generated_code': part('generated_code_size_in_bytes'),
+  }
+  total = (report['arguments'] + report['outputs'] - report['aliased'] + report['temporaries']
+           + report['generated_code'])
+  peak = part('peak_memory_in_bytes')
+  report['total'] = max(total, peak)
+  report['hbm'] = hbm_bytes
+  report['fits'] = report['total'] <= hbm_bytes
+  return report
+
+
+def flops_per_device(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    return float(sum(part.get('flops', 0.0) for part in analysis))
+  return float(analysis.get('flops', 0.0)) if analysis else 0.0
+
+
+def check(config, topology: Topology) -> dict[str, Any]:
+  """Compiles the MPL step for `topology`; returns a report (see `format_report`). Raises MplError on user errors."""
+  devices = topology_devices(topology)
+  start = time.perf_counter()
+  lowered, info = lower_mpl_step(config, devices)
+  lower_seconds = time.perf_counter() - start
+  result = {
+      'topology': topology.name, 'libtpu_topology': topology.libtpu_topology, 'num_slices': topology.num_slices,
+      'device_kind': devices[0].device_kind, 'num_devices': len(devices),
+      'num_hosts': len({d.process_index for d in devices}), 'workload': info,
+      'lower_seconds': lower_seconds, 'hbm_bytes_per_device': topology.spec.hbm_bytes_per_device,
+  }
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError; OOM is an answer here
+    message = _out_of_memory(e)
+    if message is None:
+      raise
+    result['compile_seconds'] = time.perf_counter() - start
+    result['fits'] = False
+    result['compiler_message'] = _first_line(e)
+    for pattern in OOM_PATTERNS:
+      found = pattern.search(message)
+      if found:
+        result['compiler_required'], result['compiler_available'] = found.groups()
+        break
+    return result
+  result['compile_seconds'] = time.perf_counter() - start
+  result['memory'] = memory_report(compiled, topology.spec.hbm_bytes_per_device)
+  result['fits'] = result['memory']['fits']
+  result['flops_per_device'] = flops_per_device(compiled)
+  result['flops_per_step'] = result['flops_per_device'] * len(devices)
+  return result
+
+
+def _gib(n: float) -> str:
+  """Bytes in GiB, or MiB below 1 GiB (small test workloads)."""
+  return f'{n / GiB:.2f} GiB' if n >= GiB or n == 0 else f'{n / 2**20:.2f} MiB'
+
+
+def format_report(result: dict[str, Any]) -> str:
+  w = result['workload']
+  mesh = ' x '.join(f'{axis}={size}' for axis, size in w['mesh'].items())
+  per_device = w['examples_per_step'] / (w['mesh']['data'] * w['mesh']['fsdp'])
+  lines = [
+      f"topology {result['topology']} ({result['libtpu_topology']}, {result['num_slices']} slice(s)): "
+      f"{result['num_devices']} x {result['device_kind']} on {result['num_hosts']} host(s), "
+      f"{_gib(result['hbm_bytes_per_device'])} HBM per device",
+      f"mesh {mesh}",
+      f"MPL step ({w['feedback']}): teacher {w['teacher']} ({w['parameters']['teacher'] / 1e6:.1f}M params), "
+      f"student {w['student']} ({w['parameters']['student'] / 1e6:.1f}M), {w['dtype']}, "
+      f"B={w['batch_size']} labeled + 2 x {w['batch_size'] * w['uda_ratio']} unlabeled at "
+      f"{'x'.join(map(str, w['input_shape']))} = {w['examples_per_step']} examples/step, "
+      f"{per_device:g} per batch shard",
+      f"training state {_gib(w['state_bytes'])} in all, {_gib(w['state_bytes_per_device'])} per device; "
+      f"batch {_gib(w['batch_bytes_per_device'])} per device",
+      f"lowered in {result['lower_seconds']:.1f} s, compiled in {result['compile_seconds']:.1f} s",
+  ]
+  if 'memory' in result:
+    m = result['memory']
+    lines += [
+        f"per-device memory: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
+        f"({_gib(m['aliased'])} of them in donated arguments), temporaries {_gib(m['temporaries'])}, code "
+        f"{_gib(m['generated_code'])}; total {_gib(m['total'])} of {_gib(m['hbm'])} HBM "
+        f"({100 * m['total'] / m['hbm']:.0f}%)",
+        f"FLOPs per step: {result['flops_per_device']:.4g} per device, {result['flops_per_step']:.4g} on all "
+        f"{result['num_devices']} devices",
+        f"fits: {'yes' if result['fits'] else 'NO, does not fit'}",
+    ]
+  else:
+    lines += [f"fits: NO, does not fit: {result['compiler_message']}"]
+  return '\n'.join(lines)
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def _main():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flag = config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file, e.g. configs/imagenet.py; override fields with --config.x=y '
+      '(--config.mesh.fsdp=16 ...).', lock_config=True)
+  topology_flag = flags.DEFINE_string('topology', None, 'TPU slice: v4-32, v5p-64, v5e-16, v6e-256, v3-32, or '
+                                      'generation:AxBxC in chips.')
+  slices_flag = flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-centre network (multislice); '
+                                     'the mesh data axis is split over them.')
+  json_flag = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the report.')
+  flags.mark_flags_as_required(['config', 'topology'])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    try:
+      topology = parse_topology(topology_flag.value, slices_flag.value)
+      result = check(config_flag.value, topology)
+    except errors.MplError as error:
+      print(f'error: {error}', file=sys.stderr, flush=True)
+      sys.exit(2)
+    print(json.dumps(result, indent=1) if json_flag.value else format_report(result), flush=True)
+    sys.exit(0 if result['fits'] else 1)
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,0 +1,92 @@
+"""compile_check: topology names, the real MPL step compiled for a small TPU topology on this CPU-only machine
+(libtpu's compiler, no TPU), its memory and FLOPs, "does not fit" for a step larger than HBM, and one-line errors.
+
+The compile tests need libtpu (`pip install -e '.[tpu]'`) and are skipped without it; the name parsing and the
+missing-libtpu message are checked either way. Workload: TwoMoon's MLP through the MPL step (compiles in seconds).
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import two_moons
+from meta_pseudo_labels import compile_check
+from meta_pseudo_labels import errors
+
+requires_libtpu = pytest.mark.skipif(
+    not compile_check.libtpu_available(),
+    reason="libtpu not installed (pip install -e '.[tpu]'): XLA's TPU compiler lives in it")
+
+
+def small_config(batch_size=8):
+  config = two_moons.get_config()
+  config.experiment = 'train'
+  config.batch_size = batch_size
+  return config
+
+
+@pytest.mark.parametrize('name, libtpu_topology, num_devices', [
+    ('v4-8', 'v4:2x2x1', 4), ('v4-32', 'v4:2x2x4', 16), ('v4-64', 'v4:2x4x4', 32), ('v4-2048', 'v4:8x8x16', 1024),
+    ('v5p-128', 'v5:4x4x4', 64), ('v5e-16', 'v5e:4x4', 16), ('v5litepod-8', 'v5e:2x4', 8),
+    ('v6e-256', 'v6e:16x16', 256), ('v3-2048', 'v3:32x32', 2048), ('v5p:4x4x12', 'v5:4x4x12', 192),
+])
+def test_parse_topology(name, libtpu_topology, num_devices):
+  topology = compile_check.parse_topology(name)
+  assert topology.libtpu_topology == libtpu_topology
+  assert topology.num_devices == num_devices
+
+
+@pytest.mark.parametrize('name, message', [
+    ('v9-8', 'not a TPU slice of a known generation'), ('h100-8', 'not a TPU slice'),
+    ('v4-12', '6 chips is not a power of two'), ('v4-7', r'counts TensorCores \(2 per v4 chip\)'),
+    ('v4:2x2', 'a v4 chip mesh has 3 dimensions'),
+])
+def test_bad_topology_is_a_config_error(name, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    compile_check.parse_topology(name)
+
+
+def test_without_libtpu_one_line_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'libtpu', None)   # how Python spells "not importable"
+  assert not compile_check.libtpu_available()
+  with pytest.raises(errors.ConfigError, match=r"libtpu is not installed.*pip install -e '\.\[tpu\]'"):
+    compile_check.topology_devices(compile_check.parse_topology('v4-8'))
+
+
+@requires_libtpu
+def test_mpl_step_compiles_for_a_tpu_topology():
+  result = compile_check.check(small_config(), compile_check.parse_topology('v5e-4'))
+  assert result['num_devices'] == 4 and result['device_kind'].startswith('TPU v5')
+  assert result['workload']['mesh'] == {'data': 4, 'fsdp': 1, 'spatial': 1}
+  memory = result['memory']
+  assert result['fits'] and 0 < memory['total'] < memory['hbm'] == 16 * 2**30
+  assert memory['arguments'] > 0 and memory['temporaries'] > 0
+  assert memory['aliased'] > 0   # the donated state is updated in place
+  # 4 devices each run the per-device program; two MLPs on 120 examples are some 1e4 to 1e7 FLOPs per device.
+  assert 1e4 < result['flops_per_device'] < 1e7
+  assert result['flops_per_step'] == pytest.approx(4 * result['flops_per_device'])
+  report = compile_check.format_report(result)
+  assert 'fits: yes' in report and 'per-device memory' in report
+
+
+@requires_libtpu
+def test_too_large_a_step_does_not_fit():
+  config = small_config(batch_size=2**24)   # 250M examples through two MLPs on one 16 GiB chip
+  config.mesh.data = 1
+  result = compile_check.check(config, compile_check.parse_topology('v5e-1'))
+  assert result['fits'] is False
+  assert 'memory' not in result and 'RESOURCE_EXHAUSTED' in result['compiler_message']
+  assert compile_check.format_report(result).splitlines()[-1].startswith('fits: NO, does not fit: ')
+
+
+@requires_libtpu
+def test_command_line_mesh_error_is_one_line():
+  result = subprocess.run(
+      [sys.executable, '-m', 'meta_pseudo_labels.compile_check', '--config=configs/two_moons.py',
+       '--topology=v5e-4', '--config.mesh.data=3'],
+      cwd=pathlib.Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300, env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin',
+                                                        'TF_CPP_MIN_LOG_LEVEL': '3'})
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith('error: mesh: data x fsdp x spatial = data=3')
