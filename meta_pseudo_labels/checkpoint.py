@@ -25,13 +25,17 @@ from meta_pseudo_labels import errors
 
 CONFIG_FILENAME = 'config.json'
 
-# Fields that decide the shapes and structure of the saved state (or the meaning of its step counter): resuming
-# with any of them changed cannot work, so it is refused. Other fields (step counts, logging cadence) may change.
+# Fields that decide the shapes and structure of the saved state (or the meaning of its step counter), and the
+# fields that decide the data splits and the random streams: resuming with any of them changed either cannot work or
+# silently makes another run (a new split_seed could put examples the model was trained on as labeled into the
+# validation split), so it is refused. Other fields (step counts, learning rates, cadence) may change on resume.
 STATE_DEFINING_FIELDS = (
     'method', 'model', 'student_model', 'dataset.source', 'dataset.name', 'dataset.num_classes',
     'dataset.image_size', 'teacher_optimizer.momentum', 'teacher_optimizer.nesterov',
     'student_optimizer.momentum', 'student_optimizer.nesterov', 'finetune.optimizer.momentum',
     'finetune.optimizer.nesterov', 'mpl.feedback',
+    'seed', 'dataset.split_seed', 'dataset.train_split', 'dataset.num_labeled', 'dataset.num_validation',
+    'dataset.num_unlabeled', 'dataset.unlabeled_source',
 )
 
 

@@ -5,6 +5,7 @@ data (a labeled count larger than the dataset, a class without examples) belong 
 raises `errors.DataError` when it first reads the data; model-specific checks (dtype, rates) to `models`.
 """
 
+import math
 import numbers
 
 from meta_pseudo_labels import errors
@@ -48,6 +49,8 @@ def _number(config, field, low, high, *, low_open=False, high_open=False):
   value = _get(config, field)
   if not isinstance(value, numbers.Real) or isinstance(value, bool):
     raise errors.ConfigError(f'{field}: must be a number, got {value!r}')
+  if not math.isfinite(value):   # an inf learning rate would only surface as a divergence after compiling
+    raise errors.ConfigError(f'{field}: must be a finite number, got {value!r}')
   too_low = value <= low if low_open else value < low
   too_high = value >= high if high_open else value > high
   if too_low or too_high:
@@ -127,8 +130,12 @@ def validate(config, num_devices):
   _optimizer(config, 'student_optimizer')
   _optimizer(config, 'finetune.optimizer')
 
-  # Batches against the mesh: each batch is split over the data x fsdp devices.
-  data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
+  # Batches against the mesh: each batch is split over the data x fsdp devices, image widths over spatial.
+  data, fsdp, spatial = sharding.mesh_shape(config.mesh, num_devices)
+  if spatial > 1 and config.dataset.source != 'two_moons' and config.dataset.image_size % spatial:
+    raise errors.ConfigError(f'dataset.image_size: {config.dataset.image_size} is not divisible by mesh.spatial='
+                             f'{spatial} (the image width is split into that many strips); use a multiple of '
+                             f'{spatial} or a smaller mesh.spatial')
   batch_devices = data * fsdp
   batch_size = _integer(config, 'batch_size', 1)
   batches = {'batch_size': batch_size, 'eval_batch_size': _integer(config, 'eval_batch_size', 1)}

@@ -197,7 +197,8 @@ def _folder_arrays(root, split, class_names, stored_size):
         paths.append(os.path.join(class_dir, file_name))
         labels.append(label)
   if not paths:
-    raise DataError(f'{split_dir}: no images (*.png, *.jpg, *.jpeg) in its class folders')
+    raise DataError(f'{split_dir}: no images (*.png, *.jpg, *.jpeg) in its class folders; add images as '
+                    f'{split_dir}/<class>/<name>.png|jpg')
   images = []
   for path in paths:
     try:

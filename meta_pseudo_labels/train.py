@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -50,6 +51,29 @@ from meta_pseudo_labels import sharding
 from meta_pseudo_labels import train_state
 
 RESULTS_FILENAME = 'results.json'
+
+# Test-only fault injection (tests/test_reliability.py): `MPL_INJECT_FAULT=<kind>@<phase>:<step>` acts once loop
+# step <step> of <phase> is done, after any checkpoint save of that step has started:
+#   kill        SIGKILL at once (a crash; a save of this step may be left half-written),
+#   kill_saved  wait until pending saves are complete, then SIGKILL (a crash some time after the last save),
+#   term        SIGTERM (a preemption notice, handled exactly like one sent from outside).
+# It never touches the computation, so the run it interrupts is the run a user gets.
+FAULT_ENV = 'MPL_INJECT_FAULT'
+_FAULT_KINDS = ('kill', 'kill_saved', 'term')
+
+
+def _fault_point(phase_name, step, ckpt):
+  fault = os.environ.get(FAULT_ENV)
+  if not fault:
+    return
+  kind, _, where = fault.partition('@')
+  if where != f'{phase_name}:{step}' or kind not in _FAULT_KINDS:
+    return
+  if kind == 'kill_saved':
+    ckpt.wait()
+  logging.warning('%s=%s: sending %s to this process', FAULT_ENV, fault, 'SIGTERM' if kind == 'term' else 'SIGKILL')
+  logging.flush()
+  os.kill(os.getpid(), signal.SIGTERM if kind == 'term' else signal.SIGKILL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +111,8 @@ def guarded_step(step_fn, skip_nonfinite, state, accumulator, batch, rng):
   """`step_fn` plus the divergence guard and metric accumulation (see the module docstring).
 
   `accumulator`: {'sums': metric sums over finite steps, 'finite_steps', 'nonfinite_steps', 'first_bad_step' (-1:
-  none), 'first_bad_terms' (one bool per `guard_terms`, at that step)}.
+  none; else the loop's 1-based number of that step, the number a checkpoint after it would carry),
+  'first_bad_terms' (one bool per `guard_terms`, at that step)}.
   """
   new_state, metrics = step_fn(state, batch, rng)
   names = sorted(metrics)
@@ -102,7 +127,7 @@ def guarded_step(step_fn, skip_nonfinite, state, accumulator, batch, rng):
       'sums': {name: accumulator['sums'][name] + jnp.where(finite, metrics[name], 0.0) for name in names},
       'finite_steps': accumulator['finite_steps'] + finite.astype(jnp.int32),
       'nonfinite_steps': accumulator['nonfinite_steps'] + (~finite).astype(jnp.int32),
-      'first_bad_step': jnp.where(first, state.step, accumulator['first_bad_step']),
+      'first_bad_step': jnp.where(first, state.step + 1, accumulator['first_bad_step']),
       'first_bad_terms': jnp.where(first, ~finite_terms, accumulator['first_bad_terms']),
   }
   return new_state, accumulator
@@ -136,12 +161,17 @@ def _flatten(tree, prefix=''):
 
 
 def _prepare_workdir(workdir):
-  """Creates the workdir (local path or any epath URL) and checks it is writable, before any expensive work."""
+  """Creates the workdir (local path or any epath URL) and checks it is writable, before any expensive work.
+
+  Writability is tested by writing and removing a probe file (named after this process, so it never clashes with a
+  file of the run): `os.access` says yes to root on a read-only mount and knows nothing of remote file systems.
+  """
   path = epath.Path(workdir)
+  probe = path / f'.write_probe.{os.getpid()}.{jax.process_index()}'
   try:
     path.mkdir(parents=True, exist_ok=True)
-    if '://' not in workdir and not os.access(workdir, os.W_OK):
-      raise PermissionError(13, 'Permission denied')
+    probe.write_text('')
+    probe.unlink()
   except OSError as e:
     raise errors.ConfigError(f'--workdir {workdir}: cannot write there ({e.strerror or e}); choose a writable '
                              'directory') from None
@@ -229,8 +259,11 @@ class _Run:
   def wall_time(self):
     return self.previous_wall_time + time.monotonic() - self.start_time
 
-  def _sync(self, phase, step, accumulator, metric_names):
-    """Fetches the on-device metric sums (the only regular host transfer), applies the guard, writes scalars."""
+  def _sync(self, phase, step, accumulator, metric_names, last_saved):
+    """Fetches the on-device metric sums (the only regular host transfer), applies the guard, writes scalars.
+
+    `last_saved`: the newest step of this phase saved so far (None: none), named by the divergence error.
+    """
     values = jax.device_get(accumulator)
     global_step = phase.global_offset + step
     nonfinite = int(values['nonfinite_steps'])
@@ -238,10 +271,11 @@ class _Run:
       bad_step = int(values['first_bad_step'])
       terms = [name for name, bad in zip(guard_terms(metric_names), values['first_bad_terms']) if bad]
       if self.config.on_nonfinite == 'stop':
+        kept = (f'checkpoint {last_saved} in {self.workdir}/checkpoints/{phase.name} is the last good one and is '
+                'kept' if last_saved is not None else 'no checkpoint of this phase was saved yet')
         raise errors.TrainingError(
-            f'{phase.name} step {bad_step}: non-finite {", ".join(terms)}; the last good checkpoint in '
-            f'{self.workdir}/checkpoints/{phase.name} is kept; lower the learning rate, or set '
-            '--config.on_nonfinite=skip to skip such steps')
+            f'{phase.name} step {bad_step}: non-finite {", ".join(terms)}; stopped, {kept}; lower the learning '
+            'rate, or set --config.on_nonfinite=skip to skip such steps')
       self.nonfinite_skipped += nonfinite
       logging.warning('%s: skipped %d non-finite step(s), first at step %d (%s); %d skipped in total',
                       phase.name, nonfinite, bad_step, ', '.join(terms), self.nonfinite_skipped)
@@ -304,6 +338,7 @@ class _Run:
                               out_shardings=accumulator_shardings)
     accumulator = new_accumulator()
 
+    last_saved = start or None   # the checkpoint this run resumed from
     logging.info('%s: training steps %d..%d', phase.name, start + 1, phase.num_steps)
     self.reporter.restart_clock(phase.global_offset + start)
     host_batch = first_batch
@@ -319,8 +354,9 @@ class _Run:
       is_eval = step % config.eval_every_steps == 0 and self.has_validation
       is_save = step % config.checkpoint_every_steps == 0 or step == phase.num_steps or preempted
       if not (is_log or is_eval or is_save):
+        _fault_point(phase.name, step, ckpt)
         continue
-      self._sync(phase, step, accumulator, metric_names)   # raises on divergence before anything is saved
+      self._sync(phase, step, accumulator, metric_names, last_saved)   # raises on divergence before any save
       accumulator = new_accumulator()
       global_step = phase.global_offset + step
       if is_log:
@@ -328,11 +364,13 @@ class _Run:
       if is_save:
         ckpt.save(step, state, {'phase': phase.name, 'step': step, 'nonfinite_skipped': self.nonfinite_skipped,
                                 'wall_time': self.wall_time()})
+        last_saved = step
       if is_eval:
         results = self.evaluate('validation', phase.eval_models(state))
         self.reporter.scalars(global_step, {f'validation/{model}/{metric}': value
                                             for model, values in results.items()
                                             for metric, value in values.items() if metric != 'count'})
+      _fault_point(phase.name, step, ckpt)
       if preempted:
         ckpt.wait()
         self.reporter.flush()

@@ -1,0 +1,196 @@
+"""Reliability end to end, through `python -m meta_pseudo_labels.main` as a user runs it (issue 7).
+
+- SIGKILL at three different points and a SIGTERM, each followed by the same command: the final checkpoints are
+  bitwise equal to an uninterrupted run's (data order, rngs, EMA, MPL baseline, optimizer and schedule state).
+- A damaged newest checkpoint is found on restore, set aside, and the previous one is used, with a warning naming
+  both; a save cut short never costs the previous checkpoint.
+- The divergence guard: 'stop' names the step and the term and keeps the last good checkpoint; 'skip' counts.
+
+The run is a tiny MPL + finetune run on TwoMoon (MLP, one CPU device, ~10 s of CPU per process), with the state
+made to carry everything a resume must restore: momentum traces, a warmup+cosine schedule count, an EMA student and
+an MPL baseline. Faults are injected with `train.FAULT_ENV` (SIGKILL / SIGTERM once a given step is done), which
+never touches the computation.
+"""
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from meta_pseudo_labels import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MPL_STEPS, FINETUNE_STEPS, EVERY = 12, 6, 3
+TINY = (
+    '--config=configs/two_moons.py', '--config.experiment=train',
+    f'--config.num_train_steps={MPL_STEPS}', f'--config.checkpoint_every_steps={EVERY}',
+    f'--config.log_every_steps={EVERY}', f'--config.eval_every_steps={MPL_STEPS}',
+    f'--config.finetune.num_steps={FINETUNE_STEPS}', '--config.finetune.batch_size=6',
+    '--config.ema_decay=0.9', '--config.mpl.baseline_rate=0.1',
+    '--config.teacher_optimizer.momentum=0.9', '--config.student_optimizer.momentum=0.9',
+    '--config.teacher_optimizer.schedule=cosine', '--config.teacher_optimizer.warmup_steps=2',
+)
+
+
+def _main(workdir, *overrides, fault=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  env.pop(train.FAULT_ENV, None)
+  if fault:
+    env[train.FAULT_ENV] = fault
+  command = [sys.executable, '-m', 'meta_pseudo_labels.main', *TINY, *overrides, f'--workdir={workdir}']
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _ok(completed):
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  return completed
+
+
+def _finalized(directory):
+  """Finalised steps: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` once complete."""
+  return sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit())
+
+
+def _state(step_dir):
+  """The saved state as numpy arrays, read back without a target (what a user inspecting the workdir gets)."""
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(pathlib.Path(step_dir) / 'state'))
+
+
+def _assert_bitwise_equal(step_dir_a, step_dir_b):
+  a, b = _state(step_dir_a), _state(step_dir_b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(a)]
+  differ = [p for p, x, y in zip(paths, jax.tree.leaves(a), jax.tree.leaves(b))
+            if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes()]
+  assert not differ, f'not bitwise equal: {differ}'
+  return paths
+
+
+def _final(workdir):
+  return json.loads((pathlib.Path(workdir) / 'results.json').read_text())['final']
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The uninterrupted run (keeps 2 checkpoints per phase)."""
+  workdir = tmp_path_factory.mktemp('reference')
+  _ok(_main(workdir, '--config.keep_checkpoints=2'))
+  assert _finalized(workdir / 'checkpoints' / 'mpl') == [9, 12]
+  assert _finalized(workdir / 'checkpoints' / 'finetune') == [3, 6]
+  return workdir
+
+
+def test_sigkill_three_times_and_sigterm_then_same_command_is_bitwise_identical(reference, tmp_path):
+  workdir = tmp_path / 'run'
+  run = lambda fault=None: _main(workdir, '--config.keep_checkpoints=1', fault=fault)
+  mpl_dir, finetune_dir = workdir / 'checkpoints' / 'mpl', workdir / 'checkpoints' / 'finetune'
+
+  # 1. SIGKILL at MPL step 7, after the saves of steps 3 and 6 completed.
+  killed = run('kill_saved@mpl:7')
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert _finalized(mpl_dir) == [6]
+
+  # 2. Resumes from 6; SIGKILL right after the (asynchronous) save of step 9 began, possibly mid-write. With
+  # keep_checkpoints=1 the previous checkpoint must survive until the new one is complete.
+  killed = run('kill@mpl:9')
+  assert killed.returncode == -9 and f'resumed from {mpl_dir}/6' in killed.stderr
+  assert _finalized(mpl_dir) in ([6], [9], [6, 9])
+
+  # 3. SIGTERM (a preemption notice) after step 10: saved at the next step boundary, exit 143, one line naming it.
+  preempted = run('term@mpl:10')
+  assert preempted.returncode == 143, preempted.stderr[-2000:]
+  assert 'preempted: mpl step 11: preemption notice received; checkpoint saved' in preempted.stderr
+  assert _finalized(mpl_dir) == [11]
+
+  # 4. Resumes from 11, finishes MPL, SIGKILL in finetuning step 4 after its step-3 save completed.
+  killed = run('kill_saved@finetune:4')
+  assert killed.returncode == -9 and f'resumed from {mpl_dir}/11' in killed.stderr
+  assert _finalized(mpl_dir) == [12] and _finalized(finetune_dir) == [3]
+  assert not (workdir / 'results.json').exists()
+
+  # 5. The same command once more finishes the run.
+  finished = _ok(run())
+  assert f'resumed from {finetune_dir}/3' in finished.stderr
+  leaves = _assert_bitwise_equal(mpl_dir / '12', reference / 'checkpoints' / 'mpl' / '12')
+  for restored in ('student_ema', 'mpl_baseline', "['opt_state'][0][0]['trace']", "['opt_state'][0][1]['count']"):
+    assert any(restored in leaf for leaf in leaves), (restored, leaves)
+  _assert_bitwise_equal(finetune_dir / '6', reference / 'checkpoints' / 'finetune' / '6')
+  assert _final(workdir) == _final(reference)
+
+
+def _truncate_files(step_dir):
+  """What a full disk or a partial copy leaves: every data file of a finalised step emptied."""
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      if name != '_CHECKPOINT_METADATA':
+        open(os.path.join(root, name), 'wb').close()
+
+
+def _flip_a_byte(step_dir):
+  """Silent corruption: one byte of the array data file that restore reads (`state/d/*`, the OCDBT data the
+  manifest points to) inverted, the file size unchanged."""
+  files = list((pathlib.Path(step_dir) / 'state' / 'd').iterdir())
+  assert files
+  target = max(files, key=os.path.getsize)
+  data = bytearray(pathlib.Path(target).read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  pathlib.Path(target).write_bytes(bytes(data))
+
+
+def test_damaged_newest_checkpoints_fall_back_with_a_warning_and_finish_identically(reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  mpl_dir, finetune_dir = workdir / 'checkpoints' / 'mpl', workdir / 'checkpoints' / 'finetune'
+  _truncate_files(mpl_dir / '12')
+  _flip_a_byte(finetune_dir / '6')
+  (mpl_dir / '12.orbax-checkpoint-tmp-1700000000').mkdir()   # a half-written save of a killed process
+  os.remove(workdir / 'results.json')
+  kept = hashlib.sha256((mpl_dir / '12' / 'state' / 'manifest.ocdbt').read_bytes()).hexdigest()
+
+  finished = _ok(_main(workdir, '--config.keep_checkpoints=2'))
+  for phase_dir, good, bad in ((mpl_dir, 9, 12), (finetune_dir, 3, 6)):
+    assert f'Restored {phase_dir}/{good} instead of the unreadable newer checkpoint(s) [{bad}]' in finished.stderr
+    assert (phase_dir / f'{bad}.corrupt').is_dir()   # kept for inspection, never deleted
+  assert hashlib.sha256((mpl_dir / '12.corrupt' / 'state' / 'manifest.ocdbt').read_bytes()).hexdigest() == kept
+  assert not list(mpl_dir.glob('*.orbax-checkpoint-tmp-*'))
+  _assert_bitwise_equal(mpl_dir / '12', reference / 'checkpoints' / 'mpl' / '12')
+  _assert_bitwise_equal(finetune_dir / '6', reference / 'checkpoints' / 'finetune' / '6')
+  assert _final(workdir) == _final(reference)
+
+
+# The student's learning rate is 0 for its first 5 steps (wait_steps), then 1e30: the 6th MPL step diverges.
+DIVERGING = ('--config.student_optimizer.learning_rate=1e30', '--config.student_optimizer.schedule=constant',
+             '--config.student_optimizer.wait_steps=5', '--config.keep_checkpoints=2')
+
+
+def test_divergence_stop_names_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path):
+  stopped = _main(tmp_path, *DIVERGING)
+  assert stopped.returncode == 2, stopped.stderr[-2000:]
+  last = stopped.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r'error: mpl step 6: non-finite teacher/grad_norm[^;]*; stopped, checkpoint 3 in '
+                      rf'{re.escape(str(tmp_path))}/checkpoints/mpl is the last good one and is kept; lower the '
+                      r'learning rate, or set --config.on_nonfinite=skip to skip such steps', last), last
+  assert 'Traceback' not in stopped.stderr
+  mpl_dir = tmp_path / 'checkpoints' / 'mpl'
+  assert _finalized(mpl_dir) == [3] and not list(mpl_dir.glob('*tmp*'))
+  state = _state(mpl_dir / '3')
+  assert int(state['step']) == 3 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  assert not (tmp_path / 'results.json').exists()
+
+
+def test_divergence_skip_counts_the_skipped_steps_and_keeps_the_state_finite(tmp_path):
+  finished = _ok(_main(tmp_path, *DIVERGING, '--config.on_nonfinite=skip'))
+  assert 'skipped 1 non-finite step(s), first at step 6' in finished.stderr
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['nonfinite_skipped'] == MPL_STEPS - 5   # steps 6..12: the lr stays 1e30
+  state = _state(tmp_path / 'checkpoints' / 'mpl' / str(MPL_STEPS))
+  assert int(state['step']) == MPL_STEPS and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
