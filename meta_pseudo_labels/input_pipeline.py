@@ -60,7 +60,7 @@ def split_indices(labels, num_classes, *, num_labeled, num_validation, num_unlab
                       f'labeled example; use at least dataset.num_classes={num_classes}')
   if num_labeled + num_validation > total:
     raise ConfigError(f'dataset.num_labeled={num_labeled} + dataset.num_validation={num_validation} exceeds the '
-                      f'{total} training examples')
+                      f'{total} training examples; lower them to at most {total} together')
   rng = np.random.default_rng(seed)
   per_class, remainder = divmod(num_labeled, num_classes)
   labeled = []
@@ -69,7 +69,8 @@ def split_indices(labels, num_classes, *, num_labeled, num_validation, num_unlab
     members = np.flatnonzero(labels == label)
     if len(members) < wanted:
       raise DataError(f'dataset.num_labeled={num_labeled}: class {label} has {len(members)} training examples, '
-                      f'the class-balanced labeled subset needs {wanted}')
+                      f'the class-balanced labeled subset needs {wanted}; add examples of class {label} or lower '
+                      'dataset.num_labeled')
     labeled.append(rng.permutation(members)[:wanted])
   labeled = np.sort(np.concatenate(labeled))
   rest = rng.permutation(np.setdiff1d(np.arange(total), labeled))
