@@ -65,6 +65,7 @@ def check_compatible(workdir, config_dict):
   except (OSError, ValueError) as e:
     raise errors.CheckpointError(
         f'{path}: unreadable ({e}); restore it or use a new --workdir') from None
+  config_dict = json.loads(json.dumps(config_dict))   # as config.json stores it (tuples become lists)
   clashes = [name for name in STATE_DEFINING_FIELDS if _lookup(saved, name) != _lookup(config_dict, name)]
   if clashes:
     name = clashes[0]

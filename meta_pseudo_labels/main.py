@@ -69,11 +69,21 @@ def _parse_flags(argv):
   except OSError as e:   # a config file that cannot be read, with overrides given
     _cannot_load_config(e)
   except (AttributeError, KeyError) as e:   # ml_collections: --config.<field> that the config does not have
-    field = str(e).strip('"\'')
-    overrides = [a.split('=')[0] for a in argv if re.match(rf'--config\.(.*\.)?{re.escape(field)}(=|$)', a)]
+    field, suggestion = _unknown_field(e)
+    overrides = [a.split('=')[0] for a in argv if re.match(rf'--config\.(.*\.)?{re.escape(field)}(\.|=|$)', a)]
     where = f' ({overrides[0]})' if overrides else ''
-    _exit_with_one_line(f'unknown config field {field!r}{where}; the config file lists the fields (python -m '
+    hint = f'did you mean {suggestion!r}? ' if suggestion else ''
+    _exit_with_one_line(f'unknown config field {field!r}{where}; {hint}the config file lists the fields (python -m '
                         'meta_pseudo_labels.main --config=FILE --helpfull shows them)')
+
+
+def _unknown_field(error):
+  """(field, suggestion or None) from ml_collections' AttributeError(KeyError("'f'\\nDid you mean \"g\" ..."))."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  first, _, rest = (str(error.args[0]) if error.args else str(error)).partition('\n')
+  suggestion = re.search(r'Did you mean "([^"]+)"', rest)
+  return first.strip('"\''), suggestion.group(1) if suggestion else None
 
 
 def _cannot_load_config(error):

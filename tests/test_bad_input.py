@@ -1,0 +1,279 @@
+"""Bad input (issue 3): each mistake ends the program with one line naming the field or path and the fix, exit code
+2, before any expensive work, and nothing in the workdir changed.
+
+A few mistakes go through the real command line (`python -m meta_pseudo_labels.main`), with a workdir that already
+holds a run's files which must stay byte-identical; the rest call the same checks in-process (`main` reaches them
+through the same functions: config_validation.validate, input_pipeline.create, train._prepare_workdir,
+checkpoint.check_compatible).
+"""
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import cifar10_4k
+from configs import two_moons
+from meta_pseudo_labels import checkpoint
+from meta_pseudo_labels import config_validation
+from meta_pseudo_labels import errors
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TWO_MOONS = ('--config=configs/two_moons.py', '--config.experiment=train', '--config.num_train_steps=4')
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+def _snapshot(directory):
+  """Every file under `directory` with its sha256 (what 'nothing in the workdir destroyed' compares)."""
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(pathlib.Path(directory).rglob('*')) if p.is_file()}
+
+
+def _populated_workdir(path, config_dict=None):
+  """A workdir as an earlier run leaves it: checkpoint files, results, events, the user's notes."""
+  for name, content in {'checkpoints/mpl/3/state/manifest.ocdbt': b'\x00ckpt', 'results.json': b'{"final": {}}',
+                        'tensorboard/events.out.tfevents.1': b'\x01events', 'notes.txt': b'mine'}.items():
+    (path / name).parent.mkdir(parents=True, exist_ok=True)
+    (path / name).write_bytes(content)
+  if config_dict is not None:
+    checkpoint.write_config(str(path), config_dict)
+  return path
+
+
+def _main(workdir, *flags, env=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
+  env.pop('MPL_INJECT_FAULT', None)
+  command = [sys.executable, '-m', 'meta_pseudo_labels.main', *flags, f'--workdir={workdir}']
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _assert_one_line_error(completed, *fragments):
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert 'Traceback' not in completed.stderr, completed.stderr[-3000:]
+  assert 'training steps' not in completed.stderr   # stopped before compiling or training anything
+  line = completed.stderr.strip().splitlines()[-1]
+  assert line.startswith('error: '), completed.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in line, line
+  return line
+
+
+def _readonly_dir(tmp_path):
+  """An existing directory this process cannot write to (root ignores permission bits: use a read-only mount)."""
+  if os.geteuid() != 0:
+    path = tmp_path / 'readonly'
+    path.mkdir()
+    path.chmod(0o555)
+    return path
+  for path in (pathlib.Path('/sys/kernel'), pathlib.Path('/proc/sys')):
+    try:
+      (path / '.mpl_write_test').write_text('')
+    except OSError:
+      return path
+    os.remove(path / '.mpl_write_test')
+  pytest.skip('no read-only directory to test with (running as root, no read-only mount)')
+
+
+# ---- through the command line ---------------------------------------------------------------------------------
+
+def test_cli_unknown_config_field(tmp_path):
+  workdir = _populated_workdir(tmp_path / 'w')
+  before = _snapshot(workdir)
+  line = _assert_one_line_error(_main(workdir, *TWO_MOONS, '--config.modle.name=wrn28_2'), "'modle'",
+                                '--config.modle.name', "did you mean 'model'?", '--helpfull')
+  assert _snapshot(workdir) == before, line
+
+
+def test_cli_wrong_type(tmp_path):
+  workdir = _populated_workdir(tmp_path / 'w')
+  before = _snapshot(workdir)
+  _assert_one_line_error(_main(workdir, *TWO_MOONS, '--config.num_train_steps=ten'), '--config.num_train_steps=ten',
+                         'int()')
+  assert _snapshot(workdir) == before
+
+
+def test_cli_batch_not_divisible_by_the_devices(tmp_path):
+  workdir = _populated_workdir(tmp_path / 'w')
+  before = _snapshot(workdir)
+  completed = _main(workdir, *TWO_MOONS, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  _assert_one_line_error(completed, 'batch_size: 6 is not divisible by the 4 devices', 'use a multiple of 4')
+  assert _snapshot(workdir) == before
+
+
+def test_cli_corrupt_image_in_a_custom_folder(tmp_path):
+  root = tmp_path / 'images'
+  for split, classes in (('train', 'ab'), ('test', 'ab')):
+    for name in classes:
+      (root / split / name).mkdir(parents=True)
+      for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / name / f'{i}.png')
+  bad = root / 'train' / 'b' / '1.png'
+  bad.write_bytes(bad.read_bytes()[:20])   # a truncated PNG: right name and signature, no image
+  workdir = _populated_workdir(tmp_path / 'w')
+  before = _snapshot(workdir)
+  completed = _main(workdir, '--config=configs/cifar10_4k.py:cpu', '--config.dataset.source=folder',
+                    f'--config.dataset.data_dir={root}', '--config.dataset.num_classes=2',
+                    '--config.dataset.num_labeled=2', '--config.dataset.num_validation=0')
+  _assert_one_line_error(completed, str(bad), 'remove or replace it')
+  assert _snapshot(workdir) == before
+
+
+def test_cli_workdir_of_an_incompatible_config(tmp_path):
+  saved = two_moons.get_config()
+  saved.experiment, saved.method = 'train', 'supervised'
+  workdir = _populated_workdir(tmp_path / 'w', saved.to_dict())
+  before = _snapshot(workdir)
+  _assert_one_line_error(_main(workdir, *TWO_MOONS), f'{workdir} holds a run with method=\'supervised\'',
+                         "this config has 'mpl'", 'use a new --workdir', 'config.json')
+  assert _snapshot(workdir) == before
+
+
+def test_cli_read_only_workdir(tmp_path):
+  readonly = _readonly_dir(tmp_path)
+  before = _snapshot(readonly) if readonly.is_relative_to(tmp_path) else None
+  _assert_one_line_error(_main(readonly, *TWO_MOONS), f'--workdir {readonly}: cannot write there',
+                         'choose a writable directory')
+  if before is not None:
+    assert _snapshot(readonly) == before
+
+
+# ---- the same checks, in-process ------------------------------------------------------------------------------
+
+def _image_config(**overrides):
+  config = cifar10_4k.get_config('cpu')
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for parent in parents:
+      node = getattr(node, parent)
+    setattr(node, leaf, value)
+  return config
+
+
+def _vector_config(**overrides):
+  config = two_moons.get_config()
+  config.experiment = 'train'
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for parent in parents:
+      node = getattr(node, parent)
+    setattr(node, leaf, value)
+  return config
+
+
+@pytest.mark.parametrize('make, overrides, num_devices, message', [
+    (_vector_config, {'model.name': 'wrn99'}, 1, "model.name: unknown model 'wrn99'; choose one of"),
+    (_image_config, {'model.name': 'mlp'}, 1, "model.name: 'mlp' takes vectors"),
+    (_image_config, {'dataset.source': 'ftp'}, 1, "dataset.source: unknown value 'ftp'; choose one of"),
+    (_vector_config, {'num_train_steps': -3}, 1, 'num_train_steps: must be an integer >= 1, got -3'),
+    (_vector_config, {'finetune.num_steps': -1}, 1, 'finetune.num_steps: must be an integer >= 0, got -1'),
+    (_vector_config, {}, 4, 'batch_size: 6 is not divisible by the 4 devices'),
+    (_image_config, {'eval_batch_size': 12}, 8, 'eval_batch_size: 12 is not divisible by the 8 devices'),
+    (_vector_config, {'dataset.num_labeled': 1}, 1, 'dataset.num_labeled: 1 labeled examples leave some of the 2 '
+     'classes without one; use at least 2'),
+    (_image_config, {'dataset.image_size': 4}, 1, 'dataset.image_size: must be an integer >= 8, got 4'),
+    (_image_config, {'dataset.image_size': 30, 'mesh.spatial': 4, 'mesh.data': 1}, 4,
+     'dataset.image_size: 30 is not divisible by mesh.spatial=4'),
+    (_vector_config, {'teacher_optimizer.learning_rate': float('inf')}, 1,
+     'teacher_optimizer.learning_rate: must be a finite number, got inf'),
+    (_vector_config, {'ema_decay': float('nan')}, 1, 'ema_decay: must be a finite number, got nan'),
+    (_vector_config, {'on_nonfinite': 'ignore'}, 1, "on_nonfinite: unknown value 'ignore'"),
+    (_image_config, {'dataset.source': 'folder'}, 1, 'dataset.data_dir: source \'folder\' needs a path'),
+])
+def test_config_mistakes_are_one_line_config_errors(make, overrides, num_devices, message):
+  with pytest.raises(errors.ConfigError) as e:
+    config_validation.validate(make(**overrides), num_devices)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_paper_and_cpu_configs_validate():
+  config_validation.validate(_image_config(), 1)
+  config_validation.validate(_image_config(), 8)
+  config_validation.validate(_vector_config(), 1)
+
+
+def _create_pipeline(config):
+  from meta_pseudo_labels import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
+  return input_pipeline.create(config)
+
+
+@pytest.mark.parametrize('name, hint', [('cifar10', 'run `tfds build cifar10 --data_dir='),
+                                        ('imagenet2012', 'in its manual_dir (--manual_dir=DIR')])
+def test_missing_tfds_data_says_how_to_prepare_it(tmp_path, name, hint):
+  with pytest.raises(errors.DataError) as e:
+    _create_pipeline(_image_config(**{'dataset.name': name, 'dataset.data_dir': str(tmp_path)}))
+  assert f"TFDS dataset '{name}' is not prepared in {tmp_path}" in str(e.value) and hint in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_unknown_tfds_name(tmp_path):
+  with pytest.raises(errors.ConfigError, match=r"dataset.name: TFDS has no dataset 'cifar11'"):
+    _create_pipeline(_image_config(**{'dataset.name': 'cifar11', 'dataset.data_dir': str(tmp_path)}))
+
+
+def test_empty_image_folder(tmp_path):
+  for split in ('train', 'test'):
+    (tmp_path / split / 'cat').mkdir(parents=True)
+  with pytest.raises(errors.DataError) as e:
+    _create_pipeline(_image_config(**{'dataset.source': 'folder', 'dataset.data_dir': str(tmp_path)}))
+  assert f'{tmp_path}/train: no images' in str(e.value) and 'add images as' in str(e.value)
+
+
+def _npz(path, labels, size=8):
+  labels = np.asarray(labels, np.int64)
+  images = np.zeros((len(labels), size, size, 3), np.uint8)
+  np.savez(path, x_train=images, y_train=labels, x_test=images[:2], y_test=labels[:2])
+  return str(path)
+
+
+def test_more_labeled_examples_than_the_dataset_has(tmp_path):
+  data = _npz(tmp_path / 'd.npz', np.arange(20) % 2)
+  config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': 2,
+                            'dataset.num_labeled': 30, 'dataset.num_validation': 0})
+  with pytest.raises(errors.ConfigError, match=r'dataset.num_labeled=30 \+ dataset.num_validation=0 exceeds the 20 '
+                     r'training examples; lower them'):
+    _create_pipeline(config)
+
+
+def test_a_class_without_labeled_examples(tmp_path):
+  data = _npz(tmp_path / 'd.npz', np.arange(20) % 2)   # classes 0 and 1 only
+  config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': 3,
+                            'dataset.num_labeled': 6, 'dataset.num_validation': 0})
+  with pytest.raises(errors.DataError, match=r'class 2 has 0 training examples.*add examples of class 2 or lower '
+                     r'dataset.num_labeled'):
+    _create_pipeline(config)
+
+
+def test_read_only_workdir_in_process(tmp_path):
+  from meta_pseudo_labels import train  # pylint: disable=g-import-not-at-top  # TensorFlow
+  readonly = _readonly_dir(tmp_path)
+  for workdir in (readonly, readonly / 'run'):
+    with pytest.raises(errors.ConfigError, match='cannot write there'):
+      train._prepare_workdir(str(workdir))  # pylint: disable=protected-access
+  assert not list(readonly.glob('.write_probe*'))
+  assert train._prepare_workdir(str(tmp_path / 'new' / 'run')).is_dir()  # pylint: disable=protected-access
+  assert not list((tmp_path / 'new' / 'run').iterdir())   # the probe file is gone
+
+
+@pytest.mark.parametrize('field, value', [('model', {'name': 'wrn10_1'}), ('seed', 1), ('dataset.split_seed', 3),
+                                          ('dataset.num_labeled', 8)])
+def test_resuming_with_a_run_defining_field_changed_is_refused(tmp_path, field, value):
+  saved = _vector_config().to_dict()
+  checkpoint.write_config(str(tmp_path), saved)
+  before = _snapshot(tmp_path)
+  changed = _vector_config().to_dict()
+  *parents, leaf = field.split('.')
+  node = changed
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(errors.CheckpointError, match=rf'holds a run with {field}=.*use a new --workdir'):
+    checkpoint.check_compatible(str(tmp_path), changed)
+  assert _snapshot(tmp_path) == before
+  assert checkpoint.check_compatible(str(tmp_path), dict(saved, num_train_steps=99)) == ['num_train_steps']
