@@ -37,6 +37,11 @@ STATE_DEFINING_FIELDS = (
     'seed', 'dataset.split_seed', 'dataset.train_split', 'dataset.num_labeled', 'dataset.num_validation',
     'dataset.num_unlabeled', 'dataset.unlabeled_source',
 )
+# Fields whose zero / non-zero choice adds or removes a stage of the optimizer chain (optimizers.create_optimizer),
+# hence a node of the optimizer state: only that choice must match, the value may change.
+STATE_SWITCH_FIELDS = tuple(f'{optimizer}.{field}'
+                            for optimizer in ('teacher_optimizer', 'student_optimizer', 'finetune.optimizer')
+                            for field in ('weight_decay', 'grad_clip_norm'))
 
 
 def _lookup(tree, dotted):
@@ -67,11 +72,13 @@ def check_compatible(workdir, config_dict):
         f'{path}: unreadable ({e}); restore it or use a new --workdir') from None
   config_dict = json.loads(json.dumps(config_dict))   # as config.json stores it (tuples become lists)
   clashes = [name for name in STATE_DEFINING_FIELDS if _lookup(saved, name) != _lookup(config_dict, name)]
+  clashes += [name for name in STATE_SWITCH_FIELDS if bool(_lookup(saved, name)) != bool(_lookup(config_dict, name))]
   if clashes:
     name = clashes[0]
+    why = ' (zero and non-zero build different optimizer states)' if name in STATE_SWITCH_FIELDS else ''
     raise errors.CheckpointError(
         f'{workdir} holds a run with {name}={_lookup(saved, name)!r}, this config has '
-        f'{_lookup(config_dict, name)!r}: use a new --workdir, or resume with the config in {path}')
+        f'{_lookup(config_dict, name)!r}{why}: use a new --workdir, or resume with the config in {path}')
   return sorted(_differences(saved, config_dict))
 
 
@@ -93,6 +100,19 @@ def write_config(workdir, config_dict):
   os.replace(tmp, path)
 
 
+def _key_name(key):
+  for attribute in ('key', 'name', 'idx'):   # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _shapes(tree):
+  """{'teacher/params/Dense_0/kernel': shape} for a state, its abstract twin or orbax's metadata tree alike."""
+  return {'/'.join(_key_name(k) for k in path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
   """Saves and restores one training phase's state plus a small JSON dict of loop bookkeeping (`extra`).
 
@@ -108,7 +128,9 @@ class Checkpointer:
         cleanup_tmp_directories=True,        # half-written saves of a killed run
         enable_async_checkpointing=async_save,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'extra'))
+    # Handlers named up front (not only through save/restore args) so that a step's metadata can be read alone.
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        'state': ocp.StandardCheckpointHandler(), 'extra': ocp.JsonCheckpointHandler()})
     self._preempted = threading.Event()
     self._multi_process = jax.process_count() > 1
     if not self._multi_process and threading.current_thread() is threading.main_thread():
@@ -153,6 +175,11 @@ class Checkpointer:
         restored = self._manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target_abstract_state), extra=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  # any unreadable step: fall back to an older one
+        mismatch = self._mismatch(candidate, target_abstract_state)
+        if mismatch:   # readable, but written by a config that builds another state: not damage, touch nothing
+          raise errors.CheckpointError(
+              f'{self.directory}/{candidate} holds a state this config does not build ({mismatch}); resume with '
+              'the config it was written with (config.json in the workdir) or use a new --workdir') from None
         failures.append((candidate, e))
         logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying an older one.',
                         self.directory, candidate, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
@@ -168,6 +195,26 @@ class Checkpointer:
           f'{self.directory}: no readable checkpoint (step {bad_step}: {type(e).__name__}: '
           f'{str(e).splitlines()[0] if str(e) else ""}); if the config changed use a new --workdir, '
           'else remove the damaged step directories') from None
+    return None
+
+  def _mismatch(self, step, target_abstract_state):
+    """How the state saved at `step` differs in structure or shapes from the target, from the step's metadata
+    alone; None if they agree or the metadata cannot be read (then the step is damaged, not foreign)."""
+    try:
+      saved = _shapes(self._manager.item_metadata(step)['state'])
+    except Exception:  # pylint: disable=broad-except  # unreadable metadata: damage, handled by the caller
+      return None
+    if not saved:
+      return None
+    wanted = _shapes(target_abstract_state)
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    if missing:
+      return f'it has no {missing[0]}'
+    if extra:
+      return f'it has {extra[0]}, which this config does not'
+    for path in sorted(wanted):
+      if saved[path] != wanted[path]:
+        return f'{path} has shape {saved[path]} there, {wanted[path]} here'
     return None
 
   def _set_aside(self, bad_steps):

@@ -12,6 +12,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -262,7 +264,7 @@ def test_read_only_workdir_in_process(tmp_path):
 
 
 @pytest.mark.parametrize('field, value', [('model', {'name': 'wrn10_1'}), ('seed', 1), ('dataset.split_seed', 3),
-                                          ('dataset.num_labeled', 8)])
+                                          ('dataset.num_labeled', 8), ('teacher_optimizer.weight_decay', 1e-4)])
 def test_resuming_with_a_run_defining_field_changed_is_refused(tmp_path, field, value):
   saved = _vector_config().to_dict()
   checkpoint.write_config(str(tmp_path), saved)
@@ -277,3 +279,27 @@ def test_resuming_with_a_run_defining_field_changed_is_refused(tmp_path, field, 
     checkpoint.check_compatible(str(tmp_path), changed)
   assert _snapshot(tmp_path) == before
   assert checkpoint.check_compatible(str(tmp_path), dict(saved, num_train_steps=99)) == ['num_train_steps']
+
+
+def test_checkpoint_of_another_config_without_config_json_is_refused_and_left_alone(tmp_path):
+  """A workdir whose config.json is gone: the saved state's metadata still tells a foreign checkpoint (refused,
+  untouched) from a damaged one (set aside, older one used)."""
+  directory = tmp_path / 'checkpoints' / 'mpl'
+  ckpt = checkpoint.Checkpointer(directory, keep=2)
+  ckpt.save(1, {'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}, {'step': 1})
+  ckpt.close()
+  before = _snapshot(tmp_path)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=device)
+  for target, difference in (({'w': spec(3, 5), 'b': spec(4)}, 'w has shape (3, 4) there, (3, 5) here'),
+                             ({'w': spec(3, 4), 'b': spec(4), 'v': spec(2)}, 'it has no v'),
+                             ({'w': spec(3, 4)}, 'it has b, which this config does not')):
+    ckpt = checkpoint.Checkpointer(directory, keep=2)
+    with pytest.raises(errors.CheckpointError) as e:
+      ckpt.restore(None, target)
+    ckpt.close()
+    assert f'{directory}/1 holds a state this config does not build ({difference}); resume with' in str(e.value)
+    assert _snapshot(tmp_path) == before
+  ckpt = checkpoint.Checkpointer(directory, keep=2)
+  assert ckpt.restore(None, {'w': spec(3, 4), 'b': spec(4)})[2] == 1
+  ckpt.close()
