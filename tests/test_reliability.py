@@ -17,8 +17,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -125,6 +127,42 @@ def test_sigkill_three_times_and_sigterm_then_same_command_is_bitwise_identical(
     assert any(restored in leaf for leaf in leaves), (restored, leaves)
   _assert_bitwise_equal(finetune_dir / '6', reference / 'checkpoints' / 'finetune' / '6')
   assert _final(workdir) == _final(reference)
+
+
+def test_sigterm_from_outside_during_training_saves_that_step_and_exits_143(tmp_path):
+  """A scheduler's SIGTERM at an arbitrary moment of a long run: the step boundary after it is saved, then exit."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  env.pop(train.FAULT_ENV, None)
+  long_run = ('--config=configs/two_moons.py', '--config.experiment=train', '--config.num_train_steps=1000000',
+              '--config.log_every_steps=1000000', '--config.eval_every_steps=1000000',
+              '--config.checkpoint_every_steps=1000000', '--config.finetune.num_steps=0')
+  log = tmp_path / 'stderr.txt'
+  with open(log, 'w') as stderr:
+    process = subprocess.Popen([sys.executable, '-m', 'meta_pseudo_labels.main', *long_run,
+                                f'--workdir={tmp_path / "run"}'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=stderr, text=True)
+    try:
+      deadline = time.monotonic() + 240
+      while 'mpl: training steps 1..' not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+      time.sleep(1.0)   # into the loop (the first step compiles, then steps are ~ms each)
+      process.send_signal(signal.SIGTERM)
+      returncode = process.wait(timeout=120)
+    finally:
+      if process.poll() is None:
+        process.kill()
+  text = log.read_text()
+  assert returncode == 143, text[-3000:]
+  match = re.search(r'^preempted: mpl step (\d+): preemption notice received; checkpoint saved in (\S+); rerun the '
+                    r'same command to resume$', text, re.MULTILINE)
+  assert match, text[-3000:]
+  step = int(match.group(1))
+  assert pathlib.Path(match.group(2)) == tmp_path / 'run' / 'checkpoints' / 'mpl'
+  assert _finalized(tmp_path / 'run' / 'checkpoints' / 'mpl') == [step]
+  state = _state(tmp_path / 'run' / 'checkpoints' / 'mpl' / str(step))
+  assert int(state['step']) == step and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
 def _truncate_files(step_dir):
