@@ -23,6 +23,7 @@ client terminates the worker ("... another task died").
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -37,13 +38,14 @@ from meta_pseudo_labels import checkpoint
 from meta_pseudo_labels import distributed
 from meta_pseudo_labels import sharding
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]   # ~50 s of CPU: seven processes start
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOCAL_SH = REPO / 'launch' / 'local.sh'
 TOLERANCE = 1e-6
 DEAD_PEER_BOUND_S = 60       # the survivor's exit, from the kill; the heartbeat timeout below is 10 s
 START_TIMEOUT_S = 300        # both processes importing, joining and compiling on a loaded 2-core machine
+PROGRESS = re.compile(r'step \d+/\d+ \(')   # reporting.Reporter.progress
 OVERRIDES = ['--config.experiment=train', '--config.num_train_steps=4', '--config.finetune.num_steps=2',
              '--config.batch_size=8', '--config.dataset.num_labeled=8', '--config.checkpoint_every_steps=2',
              '--config.log_every_steps=2']
@@ -72,12 +74,30 @@ def finish(process, workdir):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """The two-process run and the one-process reference, started together."""
+def launched(tmp_path_factory):
+  """Everything at once, so that the processes' start-up (imports, joining, compiling) overlaps: the two-process
+  run and the one-process reference through local.sh, and the two dead-peer cases."""
   two, one = tmp_path_factory.mktemp('two_processes'), tmp_path_factory.mktemp('one_process')
   started = [(start_local_sh(two, 2, 2), two), (start_local_sh(one, 1, 4), one)]
-  outputs = [finish(process, workdir) for process, workdir in started]
-  return {'two': (two, outputs[0]), 'one': (one, outputs[1])}
+  try:
+    cases = run_dead_peer_cases(tmp_path_factory)
+    outputs = [finish(process, workdir) for process, workdir in started]
+  finally:
+    for process, _ in started:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  return {'two': (two, outputs[0]), 'one': (one, outputs[1]), 'dead_peer': cases}
+
+
+@pytest.fixture(scope='module')
+def runs(launched):
+  return launched
+
+
+@pytest.fixture(scope='module')
+def dead_peer_cases(launched):
+  return launched['dead_peer']
 
 
 def restore_on_this_process(phase_dir):
@@ -144,41 +164,72 @@ def start_main_processes(workdir, log_dir):
     processes.append(subprocess.Popen(
         [sys.executable, '-m', 'meta_pseudo_labels.main', '--config=configs/two_moons.py', f'--workdir={workdir}',
          '--config.experiment=train', '--config.num_train_steps=100000000', '--config.batch_size=8',
-         '--config.dataset.num_labeled=8', '--config.log_every_steps=1000', '--config.eval_every_steps=100000000',
+         '--config.dataset.num_labeled=8', '--config.log_every_steps=20', '--config.eval_every_steps=100000000',
          '--config.checkpoint_every_steps=100000000'],
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     log.close()
   return processes
 
 
-@pytest.mark.parametrize('victim', [1, 0], ids=['worker_killed', 'coordinator_killed'])
-def test_dead_peer_stops_the_survivor_in_bounded_time(tmp_path, victim):
-  processes = start_main_processes(tmp_path / 'workdir', tmp_path)
-  logs = [tmp_path / f'process_{i}.log' for i in range(2)]
-  try:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not all('training steps' in log.read_text() for log in logs):
-      assert all(p.poll() is None for p in processes), ''.join(log.read_text()[-2000:] for log in logs)
-      assert time.monotonic() < deadline, 'the two processes did not start training'
-      time.sleep(0.5)
-    time.sleep(1.0)   # a few steps into training: the survivor is in (or between) collectives
-    processes[victim].kill()
-    killed_at = time.monotonic()
-    survivor = processes[1 - victim]
-    try:
-      code = survivor.wait(timeout=DEAD_PEER_BOUND_S)
-    except subprocess.TimeoutExpired:
-      pytest.fail(f'process {1 - victim} still running {DEAD_PEER_BOUND_S} s after its peer was killed')
-    elapsed = time.monotonic() - killed_at
-  finally:
-    for p in processes:
+class DeadPeerCase:
+  """Two `main` processes; once both train, `victim` is killed and the survivor's exit is timed."""
+
+  def __init__(self, directory, victim):
+    self.victim, self.logs = victim, [directory / f'process_{i}.log' for i in range(2)]
+    self.processes = start_main_processes(directory / 'workdir', directory)
+    self.killed_at = self.code = self.elapsed = None
+
+  def output(self, process_id):
+    return self.logs[process_id].read_text()
+
+  def step(self):
+    """Advances the case by one poll; returns True once it is over."""
+    survivor = self.processes[1 - self.victim]
+    if self.killed_at is None:
+      # Process 0 logs progress only after steps whose collectives process 1 took part in: both have compiled and
+      # are training, the survivor is in (or between) collectives.
+      if PROGRESS.search(self.output(0)):
+        self.processes[self.victim].kill()
+        self.killed_at = time.monotonic()
+      elif any(p.poll() is not None for p in self.processes):
+        pytest.fail('a process ended before training: ' + ''.join(self.output(i)[-2000:] for i in range(2)))
+      return False
+    if survivor.poll() is not None:
+      self.code, self.elapsed = survivor.returncode, time.monotonic() - self.killed_at
+      return True
+    return time.monotonic() - self.killed_at > DEAD_PEER_BOUND_S
+
+  def stop(self):
+    for p in self.processes:
       if p.poll() is None:
         p.kill()
       p.wait()
-  output = logs[1 - victim].read_text()
-  assert elapsed < DEAD_PEER_BOUND_S and code != 0, output[-3000:]
+
+
+def run_dead_peer_cases(tmp_path_factory):
+  """Both cases at once (a dead worker, a dead coordinator); returns them once each survivor exited or timed out."""
+  cases = {victim: DeadPeerCase(tmp_path_factory.mktemp(f'dead_{victim}'), victim) for victim in (1, 0)}
+  deadline = time.monotonic() + START_TIMEOUT_S + DEAD_PEER_BOUND_S
+  try:
+    pending = set(cases)
+    while pending and time.monotonic() < deadline:
+      pending = {victim for victim in pending if not cases[victim].step()}
+      time.sleep(0.2)
+    assert not pending, f'cases {pending} did not reach training within {START_TIMEOUT_S} s'
+  finally:
+    for case in cases.values():
+      case.stop()
+  return cases
+
+
+@pytest.mark.parametrize('victim', [1, 0], ids=['worker_killed', 'coordinator_killed'])
+def test_dead_peer_stops_the_survivor_in_bounded_time(dead_peer_cases, victim):
+  case = dead_peer_cases[victim]
+  output = case.output(1 - victim)
+  assert case.code is not None, f'process {1 - victim} still running {DEAD_PEER_BOUND_S} s after its peer was killed'
+  assert case.elapsed < DEAD_PEER_BOUND_S and case.code != 0, output[-3000:]
   if victim == 1:   # the coordinator's collective fails: one line from main, exit code 75
-    assert code == distributed.PEER_LOST_EXIT_CODE, output[-3000:]
+    assert case.code == distributed.PEER_LOST_EXIT_CODE, output[-3000:]
     last = output.strip().splitlines()[-1]
     assert last.startswith('error: process 0 of 2: lost contact with another process'), last
     assert 'rerun the same command' in last and 'Traceback' not in output
