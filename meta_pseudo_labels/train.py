@@ -424,7 +424,9 @@ def train_and_evaluate(config, workdir):
   }
   if jax.process_index() == 0:
     results_path = path / RESULTS_FILENAME
-    results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    partial = path / f'{RESULTS_FILENAME}.tmp'   # a crash mid-write never leaves a truncated results.json
+    partial.write_text(json.dumps(results, indent=2, sort_keys=True))
+    partial.replace(results_path)
     _print_summary(final, path, run.reporter.logdir)
   return results
 
