@@ -4,11 +4,12 @@ r"""ImageNet with extra unlabeled images (Pham et al., "Meta Pseudo Labels", Sec
     python -m meta_pseudo_labels.main --config=configs/imagenet.py:b0 --workdir=DIR     # a smaller EfficientNet
     python -m meta_pseudo_labels.main --config=configs/imagenet.py:b0,cpu --workdir=DIR # shrunk for a laptop CPU
 
-The argument after the colon is a comma-separated list: an EfficientNet variant (`b0` ... `b7`, `l2`, default
-`l2`) and optionally `cpu`. Paper: teacher and student EfficientNet-L2 at 512x512, labeled ImageNet plus the
-unlabeled JFT-300M images, 90.2 % top-1, on 2048 TPUv3 cores (128 replicas x 16 cores, images split in strips,
-weights split 16 ways). JFT is not public: `dataset.unlabeled_source` names the TFDS source of the unlabeled pool
-(default: ImageNet's own train images, labels dropped); point it at any TFDS image dataset you have built.
+The argument after the colon is a comma-separated list: an EfficientNet variant (`b0` ... `b7`, `l2`; default
+`l2`, or `b0` when only `cpu` is given) and optionally `cpu`. Paper: teacher and student EfficientNet-L2 at
+512x512, labeled ImageNet plus the unlabeled JFT-300M images, 90.2 % top-1, on 2048 TPUv3 cores (128 replicas x
+16 cores, images split in strips, weights split 16 ways). JFT is not public: `dataset.unlabeled_source` names the
+TFDS source of the unlabeled pool (default: ImageNet's own train images, labels dropped); point it at any TFDS image
+dataset you have built.
 Values marked "as ImageNet-10%" are not stated for this run in a source we could check and are carried over.
 """
 
@@ -18,6 +19,7 @@ from meta_pseudo_labels import errors
 from meta_pseudo_labels.models import efficientnet
 
 PAPER_VARIANT = 'l2'
+CPU_VARIANT = 'b0'                           # ours: `:cpu` alone must not build EfficientNet-L2 on a laptop
 PAPER_IMAGE_SIZE = 512                       # paper: EfficientNet-L2 trained at 512x512
 BATCH_SIZE = 2048                            # paper: 2048 labeled per step
 
@@ -30,7 +32,7 @@ def get_config(arg=None):
   if unknown or len(variants) > 1:
     raise errors.ConfigError(f'config argument {arg!r}: expected one EfficientNet variant of '
                              f"{sorted(efficientnet.SCALINGS)} and optionally 'cpu', e.g. ':b0,cpu'")
-  variant = variants[0] if variants else PAPER_VARIANT
+  variant = variants[0] if variants else (CPU_VARIANT if 'cpu' in tokens else PAPER_VARIANT)
 
   config = imagenet_10pct.get_config()       # as ImageNet-10%: UDA, label smoothing, clipping, augmentation
   config.dataset.num_validation = 25_000     # ours: held out of train for model selection

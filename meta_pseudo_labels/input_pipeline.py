@@ -193,7 +193,8 @@ class _StreamingExamples:
       extra = extra.map(lambda image, _: (image, tf.constant(-1, tf.int32)))
       extra = extra.shuffle(buffer, seed=key + 1, reshuffle_each_iteration=True).repeat()
       own_size = self._sizes['unlabeled'] - extra_size
-      stream = tf.data.Dataset.sample_from_datasets([stream, extra], weights=[own_size, extra_size], seed=key + 2)
+      stream = tf.data.Dataset.sample_from_datasets([stream, extra], weights=[float(own_size), float(extra_size)],
+                                                    seed=key + 2)
     lo, hi = rows
     start = start_step * rows_per_step
     stream = stream.skip(start).enumerate(start=start)
