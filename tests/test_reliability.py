@@ -1,15 +1,18 @@
 """Reliability end to end, through `python -m meta_pseudo_labels.main` as a user runs it (issue 7).
 
 - SIGKILL at three different points and a SIGTERM, each followed by the same command: the final checkpoints are
-  bitwise equal to an uninterrupted run's (data order, rngs, EMA, MPL baseline, optimizer and schedule state).
+  bitwise equal to an uninterrupted run's (data order, augmentations, dropout rngs, BatchNorm statistics, EMA, MPL
+  baseline, optimizer and schedule state).
+- A SIGTERM from outside saves the step after it and exits 143.
 - A damaged newest checkpoint is found on restore, set aside, and the previous one is used, with a warning naming
   both; a save cut short never costs the previous checkpoint.
 - The divergence guard: 'stop' names the step and the term and keeps the last good checkpoint; 'skip' counts.
 
-The run is a tiny MPL + finetune run on TwoMoon (MLP, one CPU device, ~10 s of CPU per process), with the state
-made to carry everything a resume must restore: momentum traces, a warmup+cosine schedule count, an EMA student and
-an MPL baseline. Faults are injected with `train.FAULT_ENV` (SIGKILL / SIGTERM once a given step is done), which
-never touches the computation.
+Resume and damage use a tiny MPL + finetune image run (WRN-10-1 with dropout and BatchNorm on 8x8 images from an
+.npz, RandAugment + Cutout, UDA, weight decay, Nesterov momentum, warmup + cosine schedules, EMA, MPL baseline; one
+CPU device), its programs compiled once into a persistent compilation cache shared by the module's processes. The
+guard and the outside SIGTERM use TwoMoon's MLP. Faults are injected with `train.FAULT_ENV` (SIGKILL / SIGTERM once
+a given step is done), which never touches the computation.
 """
 import hashlib
 import json
@@ -30,26 +33,44 @@ import pytest
 from meta_pseudo_labels import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MPL_STEPS, FINETUNE_STEPS, EVERY = 12, 6, 3
-TINY = (
-    '--config=configs/two_moons.py', '--config.experiment=train',
-    f'--config.num_train_steps={MPL_STEPS}', f'--config.checkpoint_every_steps={EVERY}',
-    f'--config.log_every_steps={EVERY}', f'--config.eval_every_steps={MPL_STEPS}',
-    f'--config.finetune.num_steps={FINETUNE_STEPS}', '--config.finetune.batch_size=6',
-    '--config.ema_decay=0.9', '--config.mpl.baseline_rate=0.1',
-    '--config.teacher_optimizer.momentum=0.9', '--config.student_optimizer.momentum=0.9',
-    '--config.teacher_optimizer.schedule=cosine', '--config.teacher_optimizer.warmup_steps=2',
-)
+MPL_STEPS, FINETUNE_STEPS, EVERY = 8, 4, 2
 
 
-def _main(workdir, *overrides, fault=None):
+def _image_run(npz):
+  return (
+      '--config=configs/cifar10_4k.py:cpu', '--config.dataset.source=npz', f'--config.dataset.data_dir={npz}',
+      '--config.dataset.num_classes=2', '--config.dataset.image_size=8', '--config.dataset.num_labeled=8',
+      '--config.dataset.num_validation=0', '--config.dataset.cutout_size=4', '--config.dataset.pad_crop=1',
+      '--config.batch_size=4', '--config.uda_ratio=2', '--config.eval_batch_size=8',
+      '--config.finetune.batch_size=4', f'--config.num_train_steps={MPL_STEPS}',
+      f'--config.finetune.num_steps={FINETUNE_STEPS}', '--config.finetune.optimizer.learning_rate=0.01',
+      f'--config.checkpoint_every_steps={EVERY}', f'--config.log_every_steps={EVERY}',
+      f'--config.eval_every_steps={MPL_STEPS}', '--config.teacher_optimizer.warmup_steps=2',
+      '--config.student_optimizer.warmup_steps=2', '--config.student_optimizer.wait_steps=1',
+      '--config.uda.ramp_steps=4', '--config.mpl.baseline_rate=0.1', '--config.ema_decay=0.9')
+
+
+MOONS = ('--config=configs/two_moons.py', '--config.experiment=train', '--config.num_train_steps=12',
+         '--config.checkpoint_every_steps=3', '--config.log_every_steps=3', '--config.eval_every_steps=12',
+         '--config.finetune.num_steps=0')
+
+
+def _env(fault=None, cache=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)
   env.pop(train.FAULT_ENV, None)
   if fault:
     env[train.FAULT_ENV] = fault
-  command = [sys.executable, '-m', 'meta_pseudo_labels.main', *TINY, *overrides, f'--workdir={workdir}']
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return env
+
+
+def _main(workdir, *flags, fault=None, cache=None):
+  command = [sys.executable, '-m', 'meta_pseudo_labels.main', *flags, f'--workdir={workdir}']
+  return subprocess.run(command, cwd=REPO, env=_env(fault, cache), capture_output=True, text=True, timeout=300,
+                        check=False)
 
 
 def _ok(completed):
@@ -82,65 +103,68 @@ def _final(workdir):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """The uninterrupted run (keeps 2 checkpoints per phase)."""
-  workdir = tmp_path_factory.mktemp('reference')
-  _ok(_main(workdir, '--config.keep_checkpoints=2'))
-  assert _finalized(workdir / 'checkpoints' / 'mpl') == [9, 12]
-  assert _finalized(workdir / 'checkpoints' / 'finetune') == [3, 6]
-  return workdir
+def image(tmp_path_factory):
+  """(command-line flags, compilation cache, the uninterrupted run's workdir keeping 2 checkpoints per phase)."""
+  root = tmp_path_factory.mktemp('image')
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+  labels = np.arange(40) % 2
+  np.savez(root / 'data.npz', x_train=images, y_train=labels, x_test=images[:8], y_test=labels[:8])
+  flags, cache, workdir = _image_run(root / 'data.npz'), root / 'jax_cache', root / 'reference'
+  _ok(_main(workdir, *flags, '--config.keep_checkpoints=2', cache=cache))
+  assert _finalized(workdir / 'checkpoints' / 'mpl') == [6, 8]
+  assert _finalized(workdir / 'checkpoints' / 'finetune') == [2, 4]
+  return flags, cache, workdir
 
 
-def test_sigkill_three_times_and_sigterm_then_same_command_is_bitwise_identical(reference, tmp_path):
+def test_sigkill_three_times_and_sigterm_then_same_command_is_bitwise_identical(image, tmp_path):
+  flags, cache, reference = image
   workdir = tmp_path / 'run'
-  run = lambda fault=None: _main(workdir, '--config.keep_checkpoints=1', fault=fault)
+  run = lambda fault=None: _main(workdir, *flags, '--config.keep_checkpoints=1', fault=fault, cache=cache)
   mpl_dir, finetune_dir = workdir / 'checkpoints' / 'mpl', workdir / 'checkpoints' / 'finetune'
 
-  # 1. SIGKILL at MPL step 7, after the saves of steps 3 and 6 completed.
-  killed = run('kill_saved@mpl:7')
+  # 1. SIGKILL at MPL step 3, after the save of step 2 completed.
+  killed = run('kill_saved@mpl:3')
   assert killed.returncode == -9, killed.stderr[-2000:]
+  assert _finalized(mpl_dir) == [2]
+
+  # 2. Resumes from 2; SIGKILL right after the (asynchronous) save of step 4 began, possibly mid-write. With
+  # keep_checkpoints=1 the previous checkpoint must survive until the new one is complete.
+  killed = run('kill@mpl:4')
+  assert killed.returncode == -9 and f'resumed from {mpl_dir}/2' in killed.stderr, killed.stderr[-2000:]
+  assert _finalized(mpl_dir) in ([2], [4], [2, 4])
+
+  # 3. SIGTERM (a preemption notice) after step 5: saved at the next step boundary, exit 143, one line naming it.
+  preempted = run('term@mpl:5')
+  assert preempted.returncode == 143, preempted.stderr[-2000:]
+  assert 'preempted: mpl step 6: preemption notice received; checkpoint saved' in preempted.stderr
   assert _finalized(mpl_dir) == [6]
 
-  # 2. Resumes from 6; SIGKILL right after the (asynchronous) save of step 9 began, possibly mid-write. With
-  # keep_checkpoints=1 the previous checkpoint must survive until the new one is complete.
-  killed = run('kill@mpl:9')
-  assert killed.returncode == -9 and f'resumed from {mpl_dir}/6' in killed.stderr
-  assert _finalized(mpl_dir) in ([6], [9], [6, 9])
-
-  # 3. SIGTERM (a preemption notice) after step 10: saved at the next step boundary, exit 143, one line naming it.
-  preempted = run('term@mpl:10')
-  assert preempted.returncode == 143, preempted.stderr[-2000:]
-  assert 'preempted: mpl step 11: preemption notice received; checkpoint saved' in preempted.stderr
-  assert _finalized(mpl_dir) == [11]
-
-  # 4. Resumes from 11, finishes MPL, SIGKILL in finetuning step 4 after its step-3 save completed.
-  killed = run('kill_saved@finetune:4')
-  assert killed.returncode == -9 and f'resumed from {mpl_dir}/11' in killed.stderr
-  assert _finalized(mpl_dir) == [12] and _finalized(finetune_dir) == [3]
+  # 4. Resumes from 6, finishes MPL, SIGKILL in finetuning step 3 after its step-2 save completed.
+  killed = run('kill_saved@finetune:3')
+  assert killed.returncode == -9 and f'resumed from {mpl_dir}/6' in killed.stderr, killed.stderr[-2000:]
+  assert _finalized(mpl_dir) == [8] and _finalized(finetune_dir) == [2]
   assert not (workdir / 'results.json').exists()
 
   # 5. The same command once more finishes the run.
   finished = _ok(run())
-  assert f'resumed from {finetune_dir}/3' in finished.stderr
-  leaves = _assert_bitwise_equal(mpl_dir / '12', reference / 'checkpoints' / 'mpl' / '12')
-  for restored in ('student_ema', 'mpl_baseline', "['opt_state'][0][0]['trace']", "['opt_state'][0][1]['count']"):
+  assert f'resumed from {finetune_dir}/2' in finished.stderr
+  leaves = _assert_bitwise_equal(mpl_dir / str(MPL_STEPS), reference / 'checkpoints' / 'mpl' / str(MPL_STEPS))
+  for restored in ('student_ema', 'mpl_baseline', 'batch_stats', "['trace']", "['count']"):
     assert any(restored in leaf for leaf in leaves), (restored, leaves)
-  _assert_bitwise_equal(finetune_dir / '6', reference / 'checkpoints' / 'finetune' / '6')
+  _assert_bitwise_equal(finetune_dir / str(FINETUNE_STEPS),
+                        reference / 'checkpoints' / 'finetune' / str(FINETUNE_STEPS))
   assert _final(workdir) == _final(reference)
 
 
 def test_sigterm_from_outside_during_training_saves_that_step_and_exits_143(tmp_path):
   """A scheduler's SIGTERM at an arbitrary moment of a long run: the step boundary after it is saved, then exit."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
-  env.pop(train.FAULT_ENV, None)
-  long_run = ('--config=configs/two_moons.py', '--config.experiment=train', '--config.num_train_steps=1000000',
-              '--config.log_every_steps=1000000', '--config.eval_every_steps=1000000',
-              '--config.checkpoint_every_steps=1000000', '--config.finetune.num_steps=0')
+  long_run = (*MOONS, '--config.num_train_steps=1000000', '--config.log_every_steps=1000000',
+              '--config.eval_every_steps=1000000', '--config.checkpoint_every_steps=1000000')
   log = tmp_path / 'stderr.txt'
   with open(log, 'w') as stderr:
     process = subprocess.Popen([sys.executable, '-m', 'meta_pseudo_labels.main', *long_run,
-                                f'--workdir={tmp_path / "run"}'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                f'--workdir={tmp_path / "run"}'], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                                stderr=stderr, text=True)
     try:
       deadline = time.monotonic() + 240
@@ -184,29 +208,33 @@ def _flip_a_byte(step_dir):
   pathlib.Path(target).write_bytes(bytes(data))
 
 
-def test_damaged_newest_checkpoints_fall_back_with_a_warning_and_finish_identically(reference, tmp_path):
+def test_damaged_newest_checkpoints_fall_back_with_a_warning_and_finish_identically(image, tmp_path):
+  flags, cache, reference = image
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
   mpl_dir, finetune_dir = workdir / 'checkpoints' / 'mpl', workdir / 'checkpoints' / 'finetune'
-  _truncate_files(mpl_dir / '12')
-  _flip_a_byte(finetune_dir / '6')
-  (mpl_dir / '12.orbax-checkpoint-tmp-1700000000').mkdir()   # a half-written save of a killed process
+  _truncate_files(mpl_dir / str(MPL_STEPS))
+  _flip_a_byte(finetune_dir / str(FINETUNE_STEPS))
+  (mpl_dir / f'{MPL_STEPS}.orbax-checkpoint-tmp-1700000000').mkdir()   # a half-written save of a killed process
   os.remove(workdir / 'results.json')
-  kept = hashlib.sha256((mpl_dir / '12' / 'state' / 'manifest.ocdbt').read_bytes()).hexdigest()
+  kept = hashlib.sha256((finetune_dir / str(FINETUNE_STEPS) / 'state' / 'manifest.ocdbt').read_bytes()).hexdigest()
 
-  finished = _ok(_main(workdir, '--config.keep_checkpoints=2'))
-  for phase_dir, good, bad in ((mpl_dir, 9, 12), (finetune_dir, 3, 6)):
+  finished = _ok(_main(workdir, *flags, '--config.keep_checkpoints=2', cache=cache))
+  for phase_dir, good, bad in ((mpl_dir, MPL_STEPS - EVERY, MPL_STEPS),
+                               (finetune_dir, FINETUNE_STEPS - EVERY, FINETUNE_STEPS)):
     assert f'Restored {phase_dir}/{good} instead of the unreadable newer checkpoint(s) [{bad}]' in finished.stderr
     assert (phase_dir / f'{bad}.corrupt').is_dir()   # kept for inspection, never deleted
-  assert hashlib.sha256((mpl_dir / '12.corrupt' / 'state' / 'manifest.ocdbt').read_bytes()).hexdigest() == kept
+  corrupt = finetune_dir / f'{FINETUNE_STEPS}.corrupt' / 'state' / 'manifest.ocdbt'
+  assert hashlib.sha256(corrupt.read_bytes()).hexdigest() == kept
   assert not list(mpl_dir.glob('*.orbax-checkpoint-tmp-*'))
-  _assert_bitwise_equal(mpl_dir / '12', reference / 'checkpoints' / 'mpl' / '12')
-  _assert_bitwise_equal(finetune_dir / '6', reference / 'checkpoints' / 'finetune' / '6')
+  _assert_bitwise_equal(mpl_dir / str(MPL_STEPS), reference / 'checkpoints' / 'mpl' / str(MPL_STEPS))
+  _assert_bitwise_equal(finetune_dir / str(FINETUNE_STEPS),
+                        reference / 'checkpoints' / 'finetune' / str(FINETUNE_STEPS))
   assert _final(workdir) == _final(reference)
 
 
 # The student's learning rate is 0 for its first 5 steps (wait_steps), then 1e30: the 6th MPL step diverges.
-DIVERGING = ('--config.student_optimizer.learning_rate=1e30', '--config.student_optimizer.schedule=constant',
+DIVERGING = (*MOONS, '--config.student_optimizer.learning_rate=1e30', '--config.student_optimizer.schedule=constant',
              '--config.student_optimizer.wait_steps=5', '--config.keep_checkpoints=2')
 
 
@@ -229,6 +257,6 @@ def test_divergence_skip_counts_the_skipped_steps_and_keeps_the_state_finite(tmp
   finished = _ok(_main(tmp_path, *DIVERGING, '--config.on_nonfinite=skip'))
   assert 'skipped 1 non-finite step(s), first at step 6' in finished.stderr
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert results['nonfinite_skipped'] == MPL_STEPS - 5   # steps 6..12: the lr stays 1e30
-  state = _state(tmp_path / 'checkpoints' / 'mpl' / str(MPL_STEPS))
-  assert int(state['step']) == MPL_STEPS and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  assert results['nonfinite_skipped'] == 12 - 5   # steps 6..12: the lr stays 1e30
+  state = _state(tmp_path / 'checkpoints' / 'mpl' / '12')
+  assert int(state['step']) == 12 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
