@@ -383,7 +383,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"fits: {'yes' if result['fits'] else 'NO, does not fit'}",
     ]
   else:
-    lines += [f"fits: NO, does not fit: {result['compiler_message']}"]
+    lines += ['FLOPs per step: not available (XLA stops before its cost analysis when memory does not fit)',
+              f"fits: NO, does not fit: {result['compiler_message']}"]
   return '\n'.join(lines)
 
 

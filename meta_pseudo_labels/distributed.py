@@ -11,7 +11,7 @@ Which cluster this process is part of is read from the environment, in this orde
    JAX reads the pod's workers from the TPU metadata. A single-host TPU VM is a pod of one.
 4. None of these: a single process, nothing to initialise.
 
-A dead peer ends the run in bounded time, with one line, on every surviving process:
+A dead peer ends the run in bounded time on every surviving process:
 
 - A peer that dies (crash, OOM kill, preemption, `kill -9`) closes its connections: the survivors' next collective
   fails at once (gloo on CPU: "Connection closed by peer"; NCCL / ICI report their own transport errors).
@@ -22,7 +22,8 @@ A dead peer ends the run in bounded time, with one line, on every surviving proc
 - A peer that hangs without closing its connections (a stopped VM, a network partition) stops sending heartbeats:
   the coordinator declares it dead after `MPL_HEARTBEAT_TIMEOUT_SECONDS` (default 100 s, JAX's default) and JAX
   terminates every other process ("the JAX distributed service detected fatal errors ... another task died").
-  If the coordinator (process 0) itself is lost, the others notice within the same timeout.
+  A dead coordinator (process 0, which hosts the coordination service) ends the others at once the same way:
+  their connection to the service closes. tests/test_multihost.py kills each of two processes mid-training.
 
 `MPL_SHUTDOWN_TIMEOUT_SECONDS` (default 300 s) bounds the wait for the others at a normal exit and
 `MPL_INITIALIZATION_TIMEOUT_SECONDS` (default 300 s) the wait for all processes to join at start.
