@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from meta_pseudo_labels import errors
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -73,8 +75,8 @@ class BatchNorm(nn.Module):
       batch = x.shape[0]
       group = self.group_size or batch
       if batch % group:
-        raise ValueError(f'BatchNorm group_size {self.group_size} does not divide the batch size {batch}; '
-                         'choose batch_norm_group_size dividing every per-step batch (or 0 for the whole batch)')
+        raise errors.ConfigError(f'batch_norm_group_size: {self.group_size} does not divide the batch size '
+                                 f'{batch}; choose a divisor of every per-step batch, or 0 for the whole batch')
       grouped = x.astype(stats_dtype).reshape((batch // group, group) + x.shape[1:])
       reduce_axes = tuple(range(1, grouped.ndim - 1))
       mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
