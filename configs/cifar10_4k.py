@@ -3,7 +3,7 @@ r"""CIFAR-10-4K (Pham et al., "Meta Pseudo Labels", Sec. 3.2, Table 2; hyper-par
     python -m meta_pseudo_labels.main --config=configs/cifar10_4k.py --workdir=/tmp/cifar10_4k
     python -m meta_pseudo_labels.main --config=configs/cifar10_4k.py:cpu --workdir=/tmp/cifar10_4k_cpu   # laptop
 
-Paper: 96.11 +- 0.07 % top-1. Data: `tfds build cifar10` (or let TFDS download it on first use).
+Paper: 96.11 +- 0.07 % top-1. Data: `tfds build cifar10` first (the program reads prepared TFDS data, never downloads).
 "paper": App. C. "release": the authors' released code, where the paper is silent. "ours": chosen here.
 """
 

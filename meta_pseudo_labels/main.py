@@ -58,8 +58,21 @@ def _exit_with_one_line(message):
   sys.exit(USER_ERROR_EXIT_CODE)
 
 
+def _config_imports_work_from_anywhere(argv):
+  """Config files import their siblings (`from configs import common`): put the directory that holds the config's
+  folder on sys.path, so `--config=/path/to/configs/X.py` works from any working directory, not only the repo root."""
+  for i, arg in enumerate(argv):
+    value = arg[len('--config='):] if arg.startswith('--config=') else (
+        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
+    if value:
+      root = os.path.dirname(os.path.dirname(os.path.abspath(value.split(':', 1)[0])))
+      if root not in sys.path:
+        sys.path.insert(1, root)
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with config-flag mistakes turned into one line (absl prints a traceback or two lines)."""
+  _config_imports_work_from_anywhere(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:
