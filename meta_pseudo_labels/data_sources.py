@@ -67,8 +67,11 @@ def load_in_memory(dataset_config, stored_size):
   extra = None
   if dataset_config.unlabeled_source:
     name, split = parse_unlabeled_source(dataset_config.unlabeled_source)
-    builder = tfds_builder(name, dataset_config.data_dir)
-    images = _tfds_arrays(builder, split, dataset_config.data_dir, stored_size).images
+    # dataset.data_dir is TFDS's data_dir only for source 'tfds' (else it is the image folder or the .npz file);
+    # other sources read the extra pool from TFDS's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    tfds_data_dir = dataset_config.data_dir if source == 'tfds' else ''
+    builder = tfds_builder(name, tfds_data_dir)
+    images = _tfds_arrays(builder, split, tfds_data_dir, stored_size).images
     extra = Arrays(images, np.full(len(images), -1, np.int32))
   return InMemoryData(train, test, extra)
 

@@ -5,6 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
+from meta_pseudo_labels import data_sources
 from meta_pseudo_labels import input_pipeline
 from meta_pseudo_labels.errors import ConfigError, DataError
 from mock_tfds_main import mock_as_dataset  # pylint: disable=g-bad-import-order
@@ -231,3 +232,20 @@ def test_folder_source_through_create(tmp_path):
   _check_image_batch(next(pipeline.mpl_batches(0)), 4, 2, size=16)
   labels = np.concatenate([b['labeled_label'] for b in _take(pipeline.labeled_batches(0, 6), 1)])
   assert sorted(labels) == [0, 0, 1, 1, 2, 2]
+
+
+def test_folder_source_with_a_tfds_unlabeled_pool(tmp_path, monkeypatch):
+  """The extra TFDS pool of a folder (or .npz) run comes from TFDS's default data_dir, not from the folder."""
+  write_image_folder(str(tmp_path), per_class=8, size=20)
+  opened = []
+  tfds_builder = data_sources.tfds_builder
+  monkeypatch.setattr(data_sources, 'tfds_builder',
+                      lambda name, data_dir: opened.append((name, data_dir)) or tfds_builder(name, data_dir))
+  config = _config(source='folder', data_dir=str(tmp_path), num_classes=3, num_labeled=6, num_validation=3,
+                   image_size=16, unlabeled_source='svhn_cropped:extra')
+  with tfds.testing.mock_data(num_examples=10):
+    pipeline = input_pipeline.create(config)
+    batch = next(pipeline.mpl_batches(0))
+  assert batch['unlabeled_strong'].shape == (8, 16, 16, 3)
+  assert opened == [('svhn_cropped', '')]
+  assert pipeline.split_sizes['unlabeled'] == 15 + 10
