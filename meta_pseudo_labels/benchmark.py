@@ -390,15 +390,15 @@ def format_report(result: dict[str, Any]) -> str:
       f"{matmul['flops_per_cpu_second'] / 1e9:.1f} GFLOP per CPU-second (best of before "
       f"{matmul['before']['flops_per_second'] / 1e9:.1f} / after {matmul['after']['flops_per_second'] / 1e9:.1f})",
       '',
-      f"{'step':<20}{'compile s':>10}{'cpu s':>8}{'step s':>10}{'cpu s':>9}{'ex/s':>9}{'GFLOP':>10}{'GFLOP/s':>9}"
+      f"{'step':<20}{'compile s':>10}{'cpu s':>8}{'step ms':>10}{'cpu ms':>9}{'ex/s':>10}{'GFLOP':>10}{'GFLOP/s':>9}"
       f"{'peak MiB':>10}{'donated':>9}{'convs':>7}{'host io':>8}",
   ]
   for name, record in result['steps'].items():
     memory = record['memory']
     lines.append(
         f"{name:<20}{record['compile_seconds']:>10.1f}{record['compile_cpu_seconds']:>8.1f}"
-        f"{record['step_seconds']:>10.3f}{record['step_cpu_seconds']:>9.3f}"
-        f"{record['examples_per_second']:>9.1f}{record['flops'] / 1e9:>10.4g}{record['flops_per_second'] / 1e9:>9.1f}"
+        f"{record['step_seconds'] * 1e3:>10.5g}{record['step_cpu_seconds'] * 1e3:>9.5g}"
+        f"{record['examples_per_second']:>10.4g}{record['flops'] / 1e9:>10.4g}{record['flops_per_second'] / 1e9:>9.1f}"
         f"{memory['peak_bytes'] / 2**20:>10.1f}{memory['donated_fraction']:>9.2f}{record['hlo']['convolutions']:>7}"
         f"{record['hlo']['host_transfers']:>8}")
   floor = result['floor_flops']

@@ -141,3 +141,10 @@ def test_benchmark_command_prints_every_field(tmp_path):
   if 'skipped' not in pipeline:
     assert _positive_finite(pipeline['examples_per_second'])
     assert _positive_finite(pipeline['over_step'])
+
+  # The text report (the command without --json) renders the same result: one row per step and per mode.
+  report = benchmark.format_report(result).splitlines()
+  for name in STEPS:
+    assert sum(line.startswith(name + ' ') for line in report) == 1, name
+  for mode in ('exact', 'hard_dot', 'hard_taylor'):
+    assert sum(line.startswith(mode + ' ') for line in report) == 1, mode
