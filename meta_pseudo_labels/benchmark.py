@@ -20,7 +20,9 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
 
 FLOPs come from XLA's cost analysis of the compiled executable (2 per multiply-add, padding-aware), memory from
 its memory analysis (peak, and the bytes aliased between donated inputs and outputs: the state updated in
-place). Steps are timed with `block_until_ready` after warm-up; the median of `repeats` steps is reported.
+place). Steps are timed with `block_until_ready` after warm-up; the median of `repeats` steps is reported, in
+wall-clock seconds and in process CPU seconds (all threads): on a shared host the CPU-time ratios are the ones
+that mean something, on an accelerator the wall-clock ones (docs/PERFORMANCE.md).
 
 Like the rest of the core this module imports neither TensorFlow nor ml_collections at import time: the input
 pipeline is imported only for its own measurement (skipped with a note where TensorFlow is absent), and
