@@ -64,7 +64,7 @@ def xla_flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     return float(sum(part.get('flops', 0.0) for part in analysis))
-  return float(analysis.get('flops', 0.0))
+  return float(analysis.get('flops', 0.0)) if analysis else 0.0
 
 
 def memory_stats(compiled) -> dict[str, int]:

@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 import jax
 
+from meta_pseudo_labels import benchmark
 from meta_pseudo_labels import errors
 
 GiB = 2**30
@@ -190,21 +191,9 @@ def _first_line(error: BaseException) -> str:
 # ---- the compile -------------------------------------------------------------------------------------------------
 
 
-def _example_shape(config) -> tuple[int, ...]:
-  if config.dataset.source == 'two_moons':
-    return (2,)
-  return (config.dataset.image_size, config.dataset.image_size, 3)
-
-
 def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
   """The global MPL batch `input_pipeline` yields (summed over hosts): B labeled, two views of mu B unlabeled."""
-  labeled, unlabeled = config.batch_size, config.batch_size * config.uda_ratio
-  shape = _example_shape(config)
-  image = lambda n: jax.ShapeDtypeStruct((n, *shape), jax.numpy.float32)
-  return {'labeled_image': image(labeled),
-          'labeled_label': jax.ShapeDtypeStruct((labeled,), jax.numpy.int32),
-          'unlabeled_weak': image(unlabeled),
-          'unlabeled_strong': image(unlabeled)}
+  return jax.eval_shape(lambda: benchmark.synthetic_batch(config))
 
 
 def lower_mpl_step(config, devices):
@@ -230,8 +219,8 @@ def lower_mpl_step(config, devices):
   teacher = create(config.model)
   student = create(config.student_model if config.student_model.name else config.model)
   rng = jax.random.key(config.seed)
-  state = jax.eval_shape(lambda r: train_state.create_mpl_state(r, config, teacher, student, _example_shape(config)),
-                         rng)
+  example_shape = benchmark.input_shape(config)
+  state = jax.eval_shape(lambda r: train_state.create_mpl_state(r, config, teacher, student, example_shape), rng)
   state_shardings = sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
   batch = abstract_batch(config)
   batch_shardings = sharding.batch_shardings(batch, mesh)
@@ -260,7 +249,7 @@ def lower_mpl_step(config, devices):
       'feedback': config.mpl.feedback,
       'batch_size': config.batch_size,
       'uda_ratio': config.uda_ratio,
-      'input_shape': list(_example_shape(config)),
+      'input_shape': list(example_shape),
       'examples_per_step': config.batch_size * (1 + 2 * config.uda_ratio),
       'state_bytes': nbytes(state),
       'state_bytes_per_device': shard_bytes(state, state_shardings),
@@ -305,13 +294,6 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
   return report
 
 
-def flops_per_device(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    return float(sum(part.get('flops', 0.0) for part in analysis))
-  return float(analysis.get('flops', 0.0)) if analysis else 0.0
-
-
 def check(config, topology: Topology) -> dict[str, Any]:
   """Compiles the MPL step for `topology`; returns a report (see `format_report`). Raises MplError on user errors."""
   devices = topology_devices(topology)
@@ -343,7 +325,7 @@ def check(config, topology: Topology) -> dict[str, Any]:
   result['compile_seconds'] = time.perf_counter() - start
   result['memory'] = memory_report(compiled, topology.spec.hbm_bytes_per_device)
   result['fits'] = result['memory']['fits']
-  result['flops_per_device'] = flops_per_device(compiled)
+  result['flops_per_device'] = benchmark.xla_flops(compiled)
   result['flops_per_step'] = result['flops_per_device'] * len(devices)
   return result
 
