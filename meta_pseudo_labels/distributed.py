@@ -45,9 +45,11 @@ EXPLICIT_VARIABLES = ('MPL_COORDINATOR_ADDRESS', 'MPL_NUM_PROCESSES', 'MPL_PROCE
 SLURM_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
 PEER_LOST_EXIT_CODE = 75   # EX_TEMPFAIL: not the user's fault; rerunning the same command resumes
 # Fragments of the errors a collective or the coordination service raises when another process has gone away.
+# Transport failures only: a library's name alone ('gloo', 'nccl') would also match its other errors (an NCCL
+# out-of-memory), which must keep their own traceback rather than read as a lost peer.
 PEER_LOST_SIGNS = ('closed by peer', 'reset by peer', 'broken pipe', 'heartbeat', 'unhealthy', 'task died',
-                   'socket closed', 'connection refused', 'failed to connect', 'barrier failed', 'gloo',
-                   'nccl', 'coordination service', 'unavailable:')
+                   'socket closed', 'connection refused', 'failed to connect', 'barrier failed',
+                   'remote process exited', 'coordination service', 'unavailable:')
 TIMEOUT_DEFAULTS = {
     'MPL_HEARTBEAT_TIMEOUT_SECONDS': 100,
     'MPL_SHUTDOWN_TIMEOUT_SECONDS': 300,
