@@ -146,8 +146,7 @@ def test_cli_read_only_workdir(tmp_path):
 
 # ---- the same checks, in-process ------------------------------------------------------------------------------
 
-def _image_config(**overrides):
-  config = cifar10_4k.get_config('cpu')
+def _override(config, overrides):
   for field, value in overrides.items():
     *parents, leaf = field.split('.')
     node = config
@@ -155,18 +154,16 @@ def _image_config(**overrides):
       node = getattr(node, parent)
     setattr(node, leaf, value)
   return config
+
+
+def _image_config(**overrides):
+  return _override(cifar10_4k.get_config('cpu'), overrides)
 
 
 def _vector_config(**overrides):
   config = two_moons.get_config()
   config.experiment = 'train'
-  for field, value in overrides.items():
-    *parents, leaf = field.split('.')
-    node = config
-    for parent in parents:
-      node = getattr(node, parent)
-    setattr(node, leaf, value)
-  return config
+  return _override(config, overrides)
 
 
 @pytest.mark.parametrize('make, overrides, num_devices, message', [
@@ -236,21 +233,18 @@ def _npz(path, labels, size=8):
   return str(path)
 
 
-def test_more_labeled_examples_than_the_dataset_has(tmp_path):
+@pytest.mark.parametrize('num_classes, num_labeled, error, message', [
+    # more labeled examples than the 20 the dataset has
+    (2, 30, errors.ConfigError, r'dataset.num_labeled=30 \+ dataset.num_validation=0 exceeds the 20 training '
+     r'examples; lower them'),
+    # a class (2) without examples: the labels are only 0 and 1
+    (3, 6, errors.DataError, r'class 2 has 0 training examples.*add examples of class 2 or lower dataset.num_labeled'),
+])
+def test_impossible_labeled_split(tmp_path, num_classes, num_labeled, error, message):
   data = _npz(tmp_path / 'd.npz', np.arange(20) % 2)
-  config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': 2,
-                            'dataset.num_labeled': 30, 'dataset.num_validation': 0})
-  with pytest.raises(errors.ConfigError, match=r'dataset.num_labeled=30 \+ dataset.num_validation=0 exceeds the 20 '
-                     r'training examples; lower them'):
-    _create_pipeline(config)
-
-
-def test_a_class_without_labeled_examples(tmp_path):
-  data = _npz(tmp_path / 'd.npz', np.arange(20) % 2)   # classes 0 and 1 only
-  config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': 3,
-                            'dataset.num_labeled': 6, 'dataset.num_validation': 0})
-  with pytest.raises(errors.DataError, match=r'class 2 has 0 training examples.*add examples of class 2 or lower '
-                     r'dataset.num_labeled'):
+  config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': num_classes,
+                            'dataset.num_labeled': num_labeled, 'dataset.num_validation': 0})
+  with pytest.raises(error, match=message):
     _create_pipeline(config)
 
 
