@@ -300,8 +300,8 @@ def registry_batch(name):
 
 @functools.cache
 def registry_init(name):
-  """The model's own initialisers, compiled once per model; each call makes a fresh state on the device."""
-  return jit(registry_create_fn(name)).lower(jax.random.key(0)).compile()
+  """The model's own initialisers, jitted once per model; each call makes a fresh state on the device."""
+  return jit(registry_create_fn(name))
 
 
 @functools.cache
