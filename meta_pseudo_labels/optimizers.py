@@ -25,11 +25,16 @@ def _check(optimizer_config, total_steps, name):
 
 
 def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
-  """step -> learning rate: 0 for `wait_steps`, then linear warmup from 0 over `warmup_steps`, then cosine decay
-  to 0 at `total_steps` ('cosine') or flat at the peak ('constant').
+  """step -> learning rate: 0 for `wait_steps`, then linear warmup over `warmup_steps`, then cosine decay to 0 at
+  `total_steps` ('cosine') or flat at the peak ('constant').
 
-  The wait is the paper's student delay (the student's lr stays 0 while the teacher warms up, App. C). `name`
-  is the config path named in errors (e.g. 'student_optimizer').
+  The wait is the paper's student delay (the student's lr stays 0 while the teacher warms up, App. C). The edges
+  follow the authors' release (`get_learning_rate`, meta_pseudo_labels/common_utils.py in
+  github.com/google-research/google-research): with s = step - wait_steps, lr = 0 for s < 0 (exactly `wait_steps`
+  steps), peak * (s + 1) / warmup_steps for 0 <= s < warmup_steps (the first warmup step already moves, the last
+  one is at the peak), then peak * (1 + cos(pi * min(s - warmup_steps, D) / D)) / 2 with
+  D = total_steps - wait_steps - warmup_steps. `step` is the train step's index (the state's step counter before
+  it, 0 for the first). `name` is the config path named in errors (e.g. 'student_optimizer').
   """
   _check(optimizer_config, total_steps, name)
   peak = float(optimizer_config.learning_rate)
@@ -40,7 +45,7 @@ def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
 
   def learning_rate_fn(step):
     since_wait = jnp.asarray(step, jnp.float32) - wait
-    warming = peak * since_wait / warmup if warmup else jnp.float32(peak)
+    warming = peak * (since_wait + 1.0) / warmup if warmup else jnp.float32(peak)
     if cosine:
       progress = jnp.clip((since_wait - warmup) / decay_steps, 0.0, 1.0)
       after_warmup = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))

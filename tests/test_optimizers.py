@@ -22,14 +22,23 @@ def config(**overrides):
 
 def test_schedule_waits_warms_up_linearly_then_cosine_decays_to_zero():
   lr = optimizers.create_learning_rate_fn(config(), total_steps=115)
-  values = {t: float(lr(t)) for t in (0, 4, 5, 6, 10, 15, 65, 115, 200)}
-  assert values[0] == values[4] == values[5] == 0.0           # wait, then warmup starts from 0
-  np.testing.assert_allclose([values[6], values[10]], [0.05, 0.25], rtol=1e-6)
-  np.testing.assert_allclose(values[15], 0.5, rtol=1e-6)     # peak right after warmup
+  values = {t: float(lr(t)) for t in (0, 4, 5, 6, 14, 15, 65, 115, 200)}
+  assert values[0] == values[4] == 0.0                       # the 5 wait steps
+  np.testing.assert_allclose([values[5], values[6]], [0.05, 0.1], rtol=1e-6)   # warmup step k: peak * (k + 1) / 10
+  np.testing.assert_allclose([values[14], values[15]], [0.5, 0.5], rtol=1e-6)  # peak at the last warmup step
   np.testing.assert_allclose(values[65], 0.25, rtol=1e-5)    # half way down the cosine
   assert abs(values[115]) < 1e-7 and abs(values[200]) < 1e-7
   t = 40
   np.testing.assert_allclose(float(lr(t)), 0.25 * (1 + math.cos(math.pi * (t - 15) / 100)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('wait, first_values', [(3, [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]), (0, [0.25, 0.5, 0.75, 1, 1])])
+def test_warmup_follows_the_release_wait_steps_at_zero_then_peak_times_k_plus_1_over_warmup(wait, first_values):
+  """The release's convention (common_utils.get_learning_rate): exactly `wait` steps at lr 0, then warmup step k
+  (k = 0, 1, ...) at peak * (k + 1) / warmup, so the peak is reached at the last warmup step."""
+  lr = optimizers.create_learning_rate_fn(config(learning_rate=1.0, wait_steps=wait, warmup_steps=4,
+                                                 schedule='constant'), 100)
+  np.testing.assert_allclose([float(lr(t)) for t in range(len(first_values))], first_values, rtol=1e-6)
 
 
 def test_constant_schedule_and_no_warmup():
