@@ -266,7 +266,7 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
       return loss + loss_mpl, (own_metrics, loss_mpl, student_grad)
     (teacher_total, (own_metrics, loss_mpl, student_grad)), logits_grad = jax.value_and_grad(
         teacher_loss, has_aux=True)(teacher_logits)
-    new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats)
+    new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats, step)
     metrics['student/labeled_loss_after'] = loss_mpl
   else:
     # 2. Pseudo labels on x_s, stopped for the student's own update.
@@ -278,7 +278,7 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
     # 3. The student learns the pseudo labels.
     student_grad = student_gradient(student.apply_fn, student.params, student.batch_stats, x_strong,
                                     pseudo_labels, hparams.label_smoothing, student_rng)
-    new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats)
+    new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats, step)
     # 4. The student's feedback h on the labeled batch.
     feedback_args = (student.apply_fn, student.params, new_student.params, student.batch_stats, x_labeled,
                      y_labeled, feedback_rng)
@@ -304,7 +304,7 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
 
   # 5. The teacher's single backward pass and update.
   (teacher_grads,) = teacher_vjp(logits_grad)
-  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats)
+  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats, step)
   # 6. EMA of the student.
   student_ema = ema_update(state.student_ema, new_student.variables, step, hparams.ema_decay)
 
@@ -348,7 +348,7 @@ def supervised_step(state, batch, rng, *, hparams: SupervisedHparams):
     return loss, (metrics, batch_stats)
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(network.params)
-  new_network = network.apply_gradients(grads, batch_stats)
+  new_network = network.apply_gradients(grads, batch_stats, step)
   ema = state.ema
   if ema is not None:
     ema = ema_update(ema, new_network.variables, step, hparams.ema_decay)

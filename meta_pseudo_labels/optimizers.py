@@ -63,12 +63,15 @@ def decay_mask(params):
 
 
 def create_optimizer(optimizer_config, total_steps, name='optimizer'):
-  """Returns (tx, learning_rate_fn) for one network.
+  """Returns (tx, learning_rate_fn) for one network: step t applies `scale_by_learning_rate(u, learning_rate_fn(t))`
+  to tx's update u.
 
-  Chain: weight decay (L2 as a gradient term wd * w, i.e. the loss wd/2 * |w|^2 of TF's l2_loss, kernels only)
-  -> global-norm clipping (if grad_clip_norm > 0) -> SGD with (Nesterov) momentum at `learning_rate_fn`.
-  optax counts its own updates, so the schedule seen by `tx` at update t equals `learning_rate_fn(t)` as long as
-  every train step applies exactly one update.
+  tx: weight decay (L2 as a gradient term wd * w, i.e. the loss wd/2 * |w|^2 of TF's l2_loss, kernels only)
+  -> global-norm clipping (if grad_clip_norm > 0) -> (Nesterov) momentum. The learning rate, SGD's last stage, is
+  left out of tx on purpose: optax would count its own updates for the schedule, and a train step whose update is
+  discarded (the divergence guard's 'skip') would leave that count behind the state's step, so the lr a step reports
+  (and the one MPL's exact lookahead uses) would not be the one it applies. The caller scales by
+  `learning_rate_fn(state step)` instead (`train_state.NetworkState.apply_gradients`).
   """
   learning_rate_fn = create_learning_rate_fn(optimizer_config, total_steps, name)
   chain = []
@@ -76,6 +79,11 @@ def create_optimizer(optimizer_config, total_steps, name='optimizer'):
     chain.append(optax.add_decayed_weights(optimizer_config.weight_decay, mask=decay_mask))
   if optimizer_config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(optimizer_config.grad_clip_norm))
-  chain.append(optax.sgd(learning_rate_fn, momentum=optimizer_config.momentum or None,
-                         nesterov=bool(optimizer_config.nesterov)))
-  return optax.chain(*chain), learning_rate_fn
+  if optimizer_config.momentum:
+    chain.append(optax.trace(decay=optimizer_config.momentum, nesterov=bool(optimizer_config.nesterov)))
+  return (optax.chain(*chain) if chain else optax.identity()), learning_rate_fn
+
+
+def scale_by_learning_rate(updates, learning_rate):
+  """SGD's last stage: -learning_rate * updates (as optax.sgd's, in each update's dtype)."""
+  return jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, updates)
