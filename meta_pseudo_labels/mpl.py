@@ -311,7 +311,7 @@ def exact_feedback(inputs: FeedbackInputs) -> Feedback:
   eta = student.learning_rate_fn(inputs.step)
   (loss_mpl, student_grad), logits_grad = jax.value_and_grad(exact_mpl_loss, argnums=1, has_aux=True)(
       student, inputs.teacher_logits_strong, inputs.batch, eta, hparams.label_smoothing, inputs.keys)
-  new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats)
+  new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats, inputs.step)
   return Feedback(new_student, student_grad, loss_mpl, logits_grad, inputs.baseline,
                   {'student/labeled_loss_after': loss_mpl})
 
@@ -323,7 +323,7 @@ def pseudo_label_feedback(inputs: FeedbackInputs, *, h_fn=None) -> Feedback:
   logits_strong = jax.lax.stop_gradient(inputs.teacher_logits_strong)
   pseudo_labels = draw_pseudo_labels(logits_strong, hparams.pseudo_labels, keys.pseudo_labels)
   student_grad = student_gradient(student, batch.x_strong, pseudo_labels, hparams.label_smoothing, keys.student)
-  new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats)
+  new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats, inputs.step)
   if h_fn is None:
     zero = jnp.zeros((), jnp.float32)
     return Feedback(new_student, student_grad, zero, jnp.zeros_like(logits_strong), inputs.baseline, {})
@@ -373,7 +373,7 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
   # 5. The teacher's single backward pass, on the sum of both logit gradients, and its update.
   logits_grad = own_logits_grad.at[sizes[0] + sizes[1]:].add(feedback.logits_grad)
   (teacher_grads,) = teacher_vjp(logits_grad)
-  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats)
+  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats, step)
   # 6. EMA of the student.
   student_ema = ema_update(state.student_ema, feedback.new_student.variables, step, hparams.ema_decay)
 
@@ -419,7 +419,7 @@ def supervised_step(state, batch, rng, *, hparams: SupervisedHparams):
     return loss, (metrics, batch_stats)
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(network.params)
-  new_network = network.apply_gradients(grads, batch_stats)
+  new_network = network.apply_gradients(grads, batch_stats, step)
   ema = state.ema
   if ema is not None:
     ema = ema_update(ema, new_network.variables, step, hparams.ema_decay)

@@ -393,7 +393,7 @@ def test_sampled_hard_taylor_gradient_is_unbiased_for_the_enumerated_objective()
     for labels in itertools.product(range(2), repeat=ENUMERATED_POINTS):
       labels = jnp.array(labels)
       update = mpl.student_gradient(student, batch.x_strong, labels, LABEL_SMOOTHING, step_keys.student)
-      moved = student.apply_gradients(update.grads, update.batch_stats)
+      moved = student.apply_gradients(update.grads, update.batch_stats, 0)
       loss = mpl.labeled_loss(student, moved.params, batch.x_labeled, batch.y_labeled, step_keys.feedback)
       total += jnp.exp(jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))) * loss
     return total
