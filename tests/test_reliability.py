@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from meta_pseudo_labels import mpl
+from meta_pseudo_labels import step_builder
 from meta_pseudo_labels import train
 from meta_pseudo_labels import train_state
 import mpl_test_models as tm
@@ -276,13 +277,13 @@ def test_a_skipped_step_leaves_the_schedule_on_the_state_step(feedback):
   model = tm.TinyMLP(dropout_rate=0.0)   # no dropout: the student's gradient below needs no rng
   config = tm.mpl_config(student_optimizer=tm.optimizer_config(learning_rate=0.3, wait_steps=1))
   state = train_state.create_mpl_state(jax.random.key(0), config, model, model, (6,))
-  hparams = mpl.MplHparams(feedback=feedback, pseudo_labels='soft' if feedback == 'exact' else 'hard')
+  hparams = mpl.MplHparams(feedback=feedback, pseudo_labels='soft' if feedback == 'exact' else 'argmax')
   step_fn = functools.partial(mpl.mpl_step, hparams=hparams)
   batch = tm.make_batch(jax.random.key(1), (6,))
   nan_batch = dict(batch, labeled_image=batch['labeled_image'].at[0, 0].set(np.nan))
   metric_names = sorted(jax.eval_shape(step_fn, state, batch, jax.random.key(2))[1])
-  guarded = jax.jit(functools.partial(train.guarded_step, step_fn, True))
-  skipped, accumulator = guarded(state, train.empty_accumulator(metric_names), nan_batch, jax.random.key(2))
+  guarded = jax.jit(functools.partial(step_builder.guarded_step, step_fn, True))
+  skipped, accumulator = guarded(state, step_builder.empty_accumulator(metric_names), nan_batch, jax.random.key(2))
   assert int(accumulator['nonfinite_steps']) == 1 and int(skipped.step) == 1
   after, accumulator = guarded(skipped, accumulator, batch, jax.random.key(2))
   assert int(accumulator['finite_steps']) == 1 and int(after.step) == 2
