@@ -369,7 +369,8 @@ class _Run:
         results = self.evaluate('validation', phase.eval_models(state))
         self.reporter.scalars(global_step, {f'validation/{model}/{metric}': value
                                             for model, values in results.items()
-                                            for metric, value in values.items() if metric != 'count'})
+                                            for metric, value in values.items()
+                                            if metric in evaluation.SCALAR_METRICS})
       _fault_point(phase.name, step, ckpt)
       if preempted:
         ckpt.wait()
@@ -412,10 +413,10 @@ def train_and_evaluate(config, workdir):
   final = {split: run.evaluate(split, final_models) for split in splits}
   run.reporter.scalars(total_steps, {f'final/{split}/{model}/{metric}': value
                                      for split, per_model in final.items() for model, values in per_model.items()
-                                     for metric, value in values.items() if metric != 'count'})
+                                     for metric, value in values.items() if metric in evaluation.SCALAR_METRICS})
   run.reporter.close()
   results = {
-      'final': final,
+      'final': {split: evaluation.for_json(per_model) for split, per_model in final.items()},
       'steps': {main_phase.name: main_phase.num_steps,
                 **({'finetune': finetune_phase.num_steps} if finetune_phase else {})},
       'nonfinite_skipped': run.nonfinite_skipped,
