@@ -44,6 +44,7 @@ from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import input_pipeline
+from meta_pseudo_labels import input_spec
 from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import reporting
@@ -397,6 +398,7 @@ def train_and_evaluate(config, workdir):
   main_phase, finetune_phase = _phases(config, pipeline)
   if jax.process_index() == 0:
     checkpoint.write_config(os.fspath(path), config_dict)
+    input_spec.write(os.fspath(path), pipeline.input_spec)
 
   total_steps = main_phase.num_steps + (finetune_phase.num_steps if finetune_phase else 0)
   run = _Run(config, path, pipeline, mesh, total_steps)
