@@ -48,8 +48,10 @@ from meta_pseudo_labels import input_spec
 from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import reporting
+from meta_pseudo_labels import run_report
 from meta_pseudo_labels import sharding
 from meta_pseudo_labels import train_state
+from meta_pseudo_labels import warm_start
 
 RESULTS_FILENAME = 'results.json'
 
@@ -396,6 +398,7 @@ def train_and_evaluate(config, workdir):
   pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
+  main_phase, initial_networks = warm_start.prepare(config, main_phase, pipeline.num_classes, path / 'checkpoints')
   if jax.process_index() == 0:
     checkpoint.write_config(os.fspath(path), config_dict)
     input_spec.write(os.fspath(path), pipeline.input_spec)
@@ -405,7 +408,7 @@ def train_and_evaluate(config, workdir):
   run.reporter.hparams(_flatten(config_dict))
   logging.info('Split sizes: %s; mesh %s', pipeline.split_sizes, dict(mesh.shape))
 
-  main_state = run.run_phase(main_phase)
+  main_state = run.run_phase(main_phase, source=initial_networks)
   final_models = main_phase.eval_models(main_state)
   if finetune_phase is not None:
     finetune_state = run.run_phase(finetune_phase, source=main_state.student_ema)
@@ -430,6 +433,7 @@ def train_and_evaluate(config, workdir):
     partial = path / f'{RESULTS_FILENAME}.tmp'   # a crash mid-write never leaves a truncated results.json
     partial.write_text(json.dumps(results, indent=2, sort_keys=True))
     partial.replace(results_path)
+    run_report.write(os.fspath(path), run.reporter.logdir, final, pipeline.input_spec.class_names)
     _print_summary(final, path, run.reporter.logdir)
   return results
 
