@@ -81,8 +81,8 @@ def class_names(dataset_config):
   if dataset_config.source == 'folder':
     return tuple(folder_class_names(dataset_config.data_dir, dataset_config.train_split))
   if dataset_config.source == 'tfds':
-    label = tfds_builder(dataset_config.name, dataset_config.data_dir).info.features.get('label')
-    names = getattr(label, 'names', None)
+    features = tfds_builder(dataset_config.name, dataset_config.data_dir).info.features
+    names = getattr(features['label'], 'names', None) if 'label' in features else None
     if names and len(names) == dataset_config.num_classes:
       return tuple(names)
   return None
