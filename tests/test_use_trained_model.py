@@ -133,6 +133,20 @@ def test_predict_refuses_an_unreadable_image(trained, compilation_cache, tmp_pat
   assert not os.path.exists(tmp_path / 'preds.csv')
 
 
+def test_predict_on_an_npz_file(trained, compilation_cache, tmp_path):
+  """Grayscale uint8 images of another size are fitted as in training; vectors are refused in one line."""
+  _, workdir = trained
+  path = str(tmp_path / 'inputs.npz')
+  np.savez(path, x=np.random.default_rng(0).integers(0, 256, (3, 24, 20, 1), dtype=np.uint8))
+  _run(compilation_cache, 'predict', f'--workdir={workdir}', f'--npz={path}', f'--output={tmp_path}/preds.csv',
+       '--model=teacher')
+  assert [row['path'] for row in _read_csv(tmp_path / 'preds.csv')] == [f'{path}[{i}]' for i in range(3)]
+  np.savez(path, x=np.zeros((3, 5), np.float32))
+  process = _run(compilation_cache, 'predict', f'--workdir={workdir}', f'--npz={path}',
+                 f'--output={tmp_path}/vectors.csv', expect=errors.USER_ERROR_EXIT_CODE)
+  assert 'float32 (3, 5) is not an input this network takes' in _one_line_error(process)
+
+
 def test_missing_and_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
   _, workdir = trained
   copy = str(tmp_path / 'run')
