@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import trained_models
+from meta_pseudo_labels import workload
 
 FIELDS = ('teacher_init', 'student_init')
 
@@ -33,7 +34,7 @@ def _roles(config):
 
 
 def _architecture(config, field, num_classes):
-  model = config.student_model if field == 'student_model' and config.student_model.name else config.model
+  model = workload.student_model_config(config) if field == 'student_model' else config.model
   return f'{model.name!r} with {num_classes} classes'
 
 
