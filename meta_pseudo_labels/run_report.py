@@ -86,14 +86,20 @@ def _draw_confusion(axes, title, confusion, class_names):
 
 
 def _draw_per_class(axes, title, per_model, class_names):
+  """Bars of every model's per-class top-1, a dot on each so that a zero shows; 'no examples' where a class has none."""
   num_classes = len(class_names)
   width = 0.8 / max(len(per_model), 1)
   for i, (name, metrics) in enumerate(per_model.items()):
     accuracy = [math.nan if a is None else a for a in metrics['per_class_top1']]
-    axes.bar(np.arange(num_classes) + (i - (len(per_model) - 1) / 2) * width, accuracy, width,
-             label=f'{name} (ECE {metrics["ece"]:.3f})')
+    positions = np.arange(num_classes) + (i - (len(per_model) - 1) / 2) * width
+    bars = axes.bar(positions, accuracy, width, label=f'{name} (ECE {metrics["ece"]:.3f})')
+    axes.plot(positions, accuracy, 'o', markersize=3, color=bars.patches[0].get_facecolor())
+  for c, accuracy in enumerate(next(iter(per_model.values()))['per_class_top1']):
+    if accuracy is None and num_classes <= MAX_CLASS_LABELS:
+      axes.text(c, 0.5, 'no examples', rotation=90, ha='center', va='center', fontsize='x-small', color='grey')
   axes.set_title(title)
-  axes.set_ylim(0, 1.05)
+  axes.set_xlim(-0.5, num_classes - 0.5)
+  axes.set_ylim(-0.03, 1.05)
   axes.set_ylabel('top-1 of the class')
   if num_classes <= MAX_CLASS_LABELS:
     axes.set_xticks(range(num_classes), class_names, rotation=90, fontsize='x-small')
