@@ -15,8 +15,8 @@ from meta_pseudo_labels import sharding
 METHODS = ('mpl', 'supervised', 'uda')
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
 PSEUDO_LABELS = ('hard', 'soft')
-SOURCES = ('tfds', 'folder', 'npz', 'two_moons')
-AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')
+AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
 ON_NONFINITE = ('stop', 'skip')
 SCHEDULES = ('cosine', 'constant')
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.

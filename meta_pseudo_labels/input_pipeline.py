@@ -37,7 +37,7 @@ from meta_pseudo_labels import data_sources
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 EVAL_SPLITS = ('validation', 'test', 'train_labeled')
-AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _POOLS = ('labeled', 'validation', 'unlabeled')
