@@ -133,7 +133,7 @@ def validate(config, num_devices):
   if method == 'mpl' and wait_steps >= num_train_steps:
     raise errors.ConfigError(f'student_optimizer.wait_steps: the student waits {wait_steps} steps at lr 0 but the run '
                              f'has num_train_steps={num_train_steps}, so it would never learn; lower '
-                             '--config.student_optimizer.wait_steps (a `:cpu` config waits 20 steps)')
+                             '--config.student_optimizer.wait_steps (a `:cpu` config waits 10 % of its steps)')
 
   # Batches against the mesh: each batch is split over the data x fsdp devices, image widths over spatial.
   data, fsdp, spatial = sharding.mesh_shape(config.mesh, num_devices)
