@@ -1,11 +1,13 @@
 """Metrics and progress: a thin wrapper over clu's metric writers, so the training loop never imports clu.
 
 Scalars go to TensorBoard event files under `workdir/tensorboard` and to the log (clu's default writer). Only the
-primary process writes event files; the others log. `progress(step)` adds a line with steps/s and an ETA measured
-between two calls, so call it where the host has synchronised with the device (at log steps, after fetching
-metrics) or the rate would measure dispatch, not computation.
-"""
+primary process writes event files; the others log; `read_scalars` reads them back (sweeps plot their curves).
+`progress(step)` adds a line with steps/s and an ETA measured between two calls, so call it where the host has
+synchronised with the device (at log steps, after fetching metrics) or the rate would measure dispatch, not
+computation."""
 
+import glob
+import os
 import time
 
 from absl import logging
@@ -55,3 +57,16 @@ class Reporter:
 
   def close(self):
     self._writer.close()
+
+
+def read_scalars(logdir, tags):
+  """{tag: [(step, value), ...] sorted by step} of the `tags` written to the event files under `logdir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only reading event files back needs TF
+  scalars = {tag: {} for tag in tags}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag in scalars:
+          number = value.simple_value if value.HasField('simple_value') else float(tf.make_ndarray(value.tensor))
+          scalars[value.tag][event.step] = number
+  return {tag: sorted(values.items()) for tag, values in scalars.items()}
