@@ -1,0 +1,96 @@
+r"""Why an MPL student ends below its teacher: measurements on a finished MPL run (issue 12), no training.
+
+    python -m meta_pseudo_labels.experiments.student_diagnosis --workdir=RUN_DIR
+
+RUN_DIR is the workdir of a `train` run of method 'mpl' (e.g. WORKDIR/mpl/seed_0 of the digits sweep). From the MPL
+phase's newest checkpoint it prints test top-1 of the teacher, the student and the EMA student
+
+- as trained: BatchNorm statistics accumulated in training; the student's come from its x_s batches alone, the
+  strong views (mpl.student_gradient; the x_l forwards of h discard theirs);
+- with every BatchNorm's statistics re-estimated on clean training images (the labeled and validation pools'
+  pixels, one batch, labels unused): a large gain means the stored statistics, not the weights, cost accuracy;
+
+and the teacher's top-1 on the weak and the strong views of the validation images: how often the labels the student
+learns from (the teacher's, on x_s) are right.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from meta_pseudo_labels import checkpoint
+from meta_pseudo_labels import input_pipeline
+from meta_pseudo_labels import models
+from meta_pseudo_labels import mpl
+from meta_pseudo_labels import train_state
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
+
+
+def _top1(apply_fn, variables, batches):
+  step = jax.jit(lambda v, b: mpl.eval_step(apply_fn, v, b))
+  sums = [step(variables, batch) for batch in batches]
+  return float(sum(s['top1_correct'] for s in sums) / sum(s['count'] for s in sums))
+
+
+def _restore_mpl_state(config, workdir, teacher_model, student_model, input_shape):
+  abstract = jax.eval_shape(
+      lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
+      jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', 'mpl'), keep=1, async_save=False)
+  try:
+    state, _, step = ckpt.restore(None, abstract)
+  finally:
+    ckpt.close()
+  return state, step
+
+
+def _recalibrated(model_config, num_classes, variables, images):
+  """`variables` with BatchNorm statistics set to those of `images` (one train-mode pass at momentum 0)."""
+  clean_config = ml_collections.ConfigDict(model_config.to_dict())
+  clean_config.bn_momentum = 0.0
+  model = models.create_model(clean_config, num_classes)
+  _, updates = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(0)},
+                           mutable=['batch_stats'])
+  return {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+
+
+def diagnose(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  pipeline = input_pipeline.create(config)
+  num_classes = pipeline.num_classes
+  teacher_model = models.create_model(config.model, num_classes)
+  student_config = config.student_model if config.student_model.name else config.model
+  student_model = models.create_model(student_config, num_classes)
+  state, step = _restore_mpl_state(config, workdir, teacher_model, student_model, pipeline.input_shape)
+  test = list(pipeline.eval_batches('test'))
+  clean = jnp.concatenate([b['image'][b['mask'] > 0] for split in ('train_labeled', 'validation')
+                           for b in pipeline.eval_batches(split)])
+  networks = {'teacher': (teacher_model, config.model, state.teacher.variables),
+              'student': (student_model, student_config, state.student.variables),
+              'student_ema': (student_model, student_config, state.student_ema)}
+  print(f'{workdir}: MPL step {step}; BatchNorm statistics re-estimated on {len(clean)} clean training images')
+  print(f'{"network":<12} {"test top-1 as trained":>22} {"re-estimated BN":>16}')
+  for name, (model, model_config, variables) in networks.items():
+    as_trained = _top1(model.apply, variables, test)
+    recalibrated = _top1(model.apply, _recalibrated(model_config, num_classes, variables, clean), test)
+    print(f'{name:<12} {100 * as_trained:>21.2f}% {100 * recalibrated:>15.2f}%')
+  for view in ('eval', 'weak', 'strong'):
+    accuracy = _top1(teacher_model.apply, state.teacher.variables, pipeline.eval_batches('validation', view=view))
+    print(f'teacher top-1 on the {view} views of the validation images: {100 * accuracy:.2f}%')
+
+
+def main(argv):
+  del argv
+  diagnose(_WORKDIR.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
