@@ -260,3 +260,7 @@ def test_digits_source_through_create():
   assert batch['labeled_image'].shape == (4, 8, 8, 3) and batch['unlabeled_strong'].shape == (8, 8, 8, 3)
   assert batch['labeled_image'].dtype == np.float32
   assert sum(len(b['label']) for b in pipeline.eval_batches('test')) == 504   # 63 batches of 8, the last padded
+  # The training views of the eval splits (diagnostics): seeded by position, so repeatable, and not the eval view.
+  views = {view: next(pipeline.eval_batches('validation', view=view))['image'] for view in ('eval', 'strong')}
+  np.testing.assert_array_equal(views['strong'], next(pipeline.eval_batches('validation', view='strong'))['image'])
+  assert not np.array_equal(views['eval'], views['strong'])
