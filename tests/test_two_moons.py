@@ -15,7 +15,7 @@ from meta_pseudo_labels.experiments import two_moons
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-SHORT = dict(num_train_steps=5, num_seeds=2)
+SHORT = dict(num_train_steps=3, num_seeds=2)
 
 
 def short_config(**sweep):
@@ -73,7 +73,20 @@ def test_run_writes_results_table_and_figure_for_every_method(tmp_path, capsys):
   assert str(tmp_path / two_moons.FIGURE_FILE) in printed
   # MPL's feedback h is recorded where there is one, and is absent with feedback off.
   assert 'mpl/h' in results['methods']['mpl_hard_taylor']['train_metrics']
-  assert 'mpl/h' not in results['methods']['mpl_feedback_off']['train_metrics']
+  for control in ('mpl_feedback_off', 'soft_no_feedback'):
+    assert 'mpl/h' not in results['methods'][control]['train_metrics']
+  supervised_loss = results['methods']['supervised']['train_metrics']['train/loss']
+  assert len(supervised_loss['last_step']) == SHORT['num_seeds']   # what the budget's criterion reads
+
+
+def test_the_papers_row_samples_its_labels_and_the_ablations_differ_from_it_in_one_field():
+  paper = dict(two_moons.METHODS['mpl_hard_taylor'].mpl_fields)
+  assert paper == {'feedback': 'hard_taylor', 'pseudo_labels': 'sampled', 'h_sign': 1.0}
+  assert dict(two_moons.METHODS['mpl_argmax'].mpl_fields) == dict(paper, pseudo_labels='argmax')
+  assert dict(two_moons.METHODS['mpl_flipped_sign'].mpl_fields) == dict(paper, h_sign=-1.0)
+  assert dict(two_moons.METHODS['soft_no_feedback'].mpl_fields) == {'feedback': 'none', 'pseudo_labels': 'soft'}
+  assert dict(two_moons.METHODS['mpl_exact'].mpl_fields) == {'feedback': 'exact', 'pseudo_labels': 'soft'}
+  assert two_moons_config.get_config().num_train_steps == 50_000
 
 
 def test_main_runs_the_sweep_from_the_command_line(tmp_path):

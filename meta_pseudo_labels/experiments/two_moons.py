@@ -55,16 +55,20 @@ METHODS = {
     'supervised': Method('labeled points only', 'supervised'),
     'pseudo_labels': Method('teacher trained on the labeled points, then frozen; student on its hard labels',
                             'pseudo_labels'),
-    'mpl_hard_taylor': Method('MPL, hard labels, h = CE_old - CE_new', 'mpl',
-                              (('feedback', 'hard_taylor'), ('pseudo_labels', 'hard'), ('h_sign', 1.0))),
-    'mpl_hard_dot': Method('MPL, hard labels, h = eta_S <g_l, g_u>', 'mpl',
-                           (('feedback', 'hard_dot'), ('pseudo_labels', 'hard'), ('h_sign', 1.0))),
+    'mpl_hard_taylor': Method('MPL (paper): sampled hard labels, h = CE_old - CE_new', 'mpl',
+                              (('feedback', 'hard_taylor'), ('pseudo_labels', 'sampled'), ('h_sign', 1.0))),
+    'mpl_hard_dot': Method('MPL, sampled hard labels, h = eta_S <g_l, g_u>', 'mpl',
+                           (('feedback', 'hard_dot'), ('pseudo_labels', 'sampled'), ('h_sign', 1.0))),
+    'mpl_argmax': Method('ablation: mpl_hard_taylor with argmax labels (released code)', 'mpl',
+                         (('feedback', 'hard_taylor'), ('pseudo_labels', 'argmax'), ('h_sign', 1.0))),
     'mpl_exact': Method('MPL, soft labels, meta-gradient through the student step', 'mpl',
                         (('feedback', 'exact'), ('pseudo_labels', 'soft'))),
+    'soft_no_feedback': Method('control for mpl_exact: soft labels, no feedback (teacher on its own loss)', 'mpl',
+                               (('feedback', 'none'), ('pseudo_labels', 'soft'))),
     'mpl_flipped_sign': Method('ablation: mpl_hard_taylor with h = CE_new - CE_old (released code)', 'mpl',
-                               (('feedback', 'hard_taylor'), ('pseudo_labels', 'hard'), ('h_sign', -1.0))),
-    'mpl_feedback_off': Method('ablation: no feedback; teacher on its own loss, student distils it', 'mpl',
-                               (('feedback', 'none'), ('pseudo_labels', 'hard'))),
+                               (('feedback', 'hard_taylor'), ('pseudo_labels', 'sampled'), ('h_sign', -1.0))),
+    'mpl_feedback_off': Method('ablation: no feedback; teacher on its own loss, student distils its sampled labels',
+                               'mpl', (('feedback', 'none'), ('pseudo_labels', 'sampled'))),
 }
 
 
@@ -248,12 +252,12 @@ def _summary(values):
 
 
 def _metric_summaries(metrics):
-  """name -> per-seed means over the whole run and over its last FINAL_FRACTION of steps."""
+  """name -> per-seed values at the last step, and means over the whole run and its last FINAL_FRACTION of steps."""
   summaries = {}
   for name, values in metrics.items():
     values = np.asarray(values)   # [seeds, steps]
     last = max(1, int(round(values.shape[1] * FINAL_FRACTION)))
-    summaries[name] = {'mean_over_run': values.mean(axis=1).tolist(),
+    summaries[name] = {'last_step': values[:, -1].tolist(), 'mean_over_run': values.mean(axis=1).tolist(),
                        'mean_over_final_steps': values[:, -last:].mean(axis=1).tolist()}
   return summaries
 
