@@ -10,11 +10,11 @@ import numbers
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
+from meta_pseudo_labels import mpl
 from meta_pseudo_labels import sharding
 
 METHODS = ('mpl', 'supervised', 'uda')
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
-PSEUDO_LABELS = ('hard', 'soft')
 SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')
 AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
 ON_NONFINITE = ('stop', 'skip')
@@ -84,7 +84,7 @@ def validate(config, num_devices):
   """Raises `errors.ConfigError` for the first problem found in a training config (see the module docstring)."""
   method = _choice(config, 'method', METHODS)
   _choice(config, 'mpl.feedback', FEEDBACK_MODES)
-  _choice(config, 'mpl.pseudo_labels', PSEUDO_LABELS)
+  mpl.check_pseudo_labels(_get(config, 'mpl.pseudo_labels'))
   if _get(config, 'mpl.h_sign') not in (1, -1):
     raise errors.ConfigError(f'mpl.h_sign: must be 1.0 (correct sign) or -1.0 (the flipped sign of the released '
                              f'code), got {config.mpl.h_sign!r}')

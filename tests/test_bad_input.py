@@ -170,6 +170,7 @@ def _vector_config(**overrides):
     (_vector_config, {'model.name': 'wrn99'}, 1, "model.name: unknown model 'wrn99'; choose one of"),
     (_image_config, {'model.name': 'mlp'}, 1, "model.name: 'mlp' takes vectors"),
     (_image_config, {'dataset.source': 'ftp'}, 1, "dataset.source: unknown value 'ftp'; choose one of"),
+    (_vector_config, {'mpl.pseudo_labels': 'hard'}, 1, "mpl.pseudo_labels: 'hard' was renamed 'argmax'"),
     (_vector_config, {'num_train_steps': -3}, 1, 'num_train_steps: must be an integer >= 1, got -3'),
     (_vector_config, {'finetune.num_steps': -1}, 1, 'finetune.num_steps: must be an integer >= 0, got -1'),
     (_vector_config, {}, 4, 'batch_size: 6 is not divisible by the 4 devices'),
