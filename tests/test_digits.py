@@ -48,6 +48,15 @@ def test_main_runs_every_method_and_seed_through_the_train_program(tmp_path):
   assert set(results['methods']['mpl']['test_top1']) == {'teacher', 'student', 'student_ema', 'student_finetuned'}
   with open(tmp_path / digits.FIGURE_FILE, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
+  # The student diagnosis reads a finished MPL run of the sweep.
+  mpl_run = results['methods']['mpl']['runs'][0]['workdir']
+  diagnosis = subprocess.run([sys.executable, '-m', 'meta_pseudo_labels.experiments.student_diagnosis',
+                              f'--workdir={mpl_run}'], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+  assert diagnosis.returncode == 0, diagnosis.stderr[-3000:]
+  assert f'{mpl_run}: MPL step {STEPS}' in diagnosis.stdout
+  for line in ('teacher ', 'student ', 'student_ema ', 'teacher on the strong views'):
+    assert line in diagnosis.stdout
 
 
 def test_run_configs_set_the_method_seed_and_split():

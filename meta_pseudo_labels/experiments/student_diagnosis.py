@@ -10,8 +10,8 @@ phase's newest checkpoint it prints test top-1 of the teacher, the student and t
 - with every BatchNorm's statistics re-estimated on clean training images (the labeled and validation pools'
   pixels, one batch, labels unused): a large gain means the stored statistics, not the weights, cost accuracy;
 
-and the teacher's top-1 on the weak and the strong views of the validation images: how often the labels the student
-learns from (the teacher's, on x_s) are right.
+and, on the clean, weak and strong views of the validation images, the teacher's top-1 and its mean probability of
+the true class: how often an argmax or a sampled label, what the student learns from on x_s, is right.
 """
 
 import json
@@ -36,6 +36,14 @@ def _top1(apply_fn, variables, batches):
   step = jax.jit(lambda v, b: mpl.eval_step(apply_fn, v, b))
   sums = [step(variables, batch) for batch in batches]
   return float(sum(s['top1_correct'] for s in sums) / sum(s['count'] for s in sums))
+
+
+def _true_class_probability(apply_fn, variables, batches):
+  """Mean p_T(y | x) over the examples: how often a label sampled from the network is the true one."""
+  probability = jax.jit(lambda v, b: jnp.sum(b['mask'] * jnp.take_along_axis(
+      jax.nn.softmax(apply_fn(v, b['image'], train=False)), b['label'][:, None], axis=-1)[:, 0]))
+  batches = list(batches)
+  return float(sum(probability(variables, b) for b in batches) / sum(b['mask'].sum() for b in batches))
 
 
 def _restore_mpl_state(config, workdir, teacher_model, student_model, input_shape):
@@ -82,8 +90,11 @@ def diagnose(workdir):
     recalibrated = _top1(model.apply, _recalibrated(model_config, num_classes, variables, clean), test)
     print(f'{name:<12} {100 * as_trained:>21.2f}% {100 * recalibrated:>15.2f}%')
   for view in ('eval', 'weak', 'strong'):
-    accuracy = _top1(teacher_model.apply, state.teacher.variables, pipeline.eval_batches('validation', view=view))
-    print(f'teacher top-1 on the {view} views of the validation images: {100 * accuracy:.2f}%')
+    batches = list(pipeline.eval_batches('validation', view=view))
+    accuracy = _top1(teacher_model.apply, state.teacher.variables, batches)
+    sampled = _true_class_probability(teacher_model.apply, state.teacher.variables, batches)
+    print(f'teacher on the {view} views of the validation images: top-1 (an argmax label is right) '
+          f'{100 * accuracy:.2f}%, mean p(true class) (a sampled label is right) {100 * sampled:.2f}%')
 
 
 def main(argv):
