@@ -18,7 +18,6 @@ validation curve), `digits_table.md` and `digits_validation.png` (validation top
 """
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -190,22 +189,7 @@ def run(config, workdir, *, train_fn):
            (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}
   table = format_table(results, names)
   plot_validation(paths['figure'], results, names, config.num_train_steps)
-  with open(paths['table'], 'w') as f:
-    f.write(table)
-  summary = {
-      'experiment': 'digits',
-      'seeds': seeds,
-      'methods': results,
-      'wall_time_s': time.time() - start,
-      'jax_version': jax.__version__,
-      'backend': jax.default_backend(),
-      'config': json.loads(config.to_json_best_effort()),
-      'files': paths,
-  }
-  with open(paths['results'], 'w') as f:
-    json.dump(summary, f, indent=1)
-  print(f'Digits: test top-1 over the {len(seeds)} seeds, {config.num_train_steps} steps per run '
-        f'({summary["wall_time_s"]:.0f} s)\n{table}', flush=True)
-  for key, path in paths.items():
-    print(f'{key}: {path}', flush=True)
-  return summary
+  wall_time = time.time() - start
+  return reporting.write_sweep_results(
+      config, paths, table, {'experiment': 'digits', 'seeds': seeds, 'methods': results, 'wall_time_s': wall_time},
+      f'Digits: test top-1 over the {len(seeds)} seeds, {config.num_train_steps} steps per run ({wall_time:.0f} s)')

@@ -16,7 +16,6 @@ decision boundary of every method for seed `config.sweep.plot_seed`, in the styl
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import time
 from typing import Any, NamedTuple, Optional
@@ -29,6 +28,7 @@ import numpy as np
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
+from meta_pseudo_labels import reporting
 from meta_pseudo_labels import synthetic
 from meta_pseudo_labels import train_state
 
@@ -377,24 +377,10 @@ def run(config, workdir):
   plot_boundaries(paths['figure'], points, labels,
                   [(f'ground truth, labeled points of seed {config.sweep.plot_seed}', None,
                     labeled[config.sweep.plot_seed])] + panels)
-  with open(paths['table'], 'w') as f:
-    f.write(table)
-  summary = {
-      'experiment': 'two_moons',
-      'seeds': seeds,
-      'num_points': len(labels),
-      'labeled_indices': labeled.tolist(),
-      'methods': results,
-      'wall_time_s': time.time() - start,
-      'jax_version': jax.__version__,
-      'backend': jax.default_backend(),
-      'config': json.loads(config.to_json_best_effort()),
-      'files': paths,
-  }
-  with open(paths['results'], 'w') as f:
-    json.dump(summary, f, indent=1)
-  print(f'TwoMoon: accuracy over all {len(labels)} points, {len(seeds)} seeds, {config.num_train_steps} steps '
-        f'({summary["wall_time_s"]:.0f} s)\n{table}', flush=True)
-  for key, path in paths.items():
-    print(f'{key}: {path}', flush=True)
-  return summary
+  wall_time = time.time() - start
+  return reporting.write_sweep_results(
+      config, paths, table,
+      {'experiment': 'two_moons', 'seeds': seeds, 'num_points': len(labels), 'labeled_indices': labeled.tolist(),
+       'methods': results, 'wall_time_s': wall_time},
+      f'TwoMoon: accuracy over all {len(labels)} points, {len(seeds)} seeds, {config.num_train_steps} steps '
+      f'({wall_time:.0f} s)')
