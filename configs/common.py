@@ -4,6 +4,8 @@ Sources: Pham et al., "Meta Pseudo Labels", CVPR 2021 (arXiv 2003.10580), Append
 released hyper-parameters where the paper is silent ("release"). Anything chosen here is marked "ours".
 """
 
+import fractions
+
 import ml_collections
 
 from meta_pseudo_labels import errors
@@ -27,13 +29,13 @@ def optimizer_config(*, learning_rate, warmup_steps, wait_steps=0, weight_decay=
 def get_base_config():
   """The complete field set; experiment configs change values, never add fields."""
   config = ml_collections.ConfigDict()
-  config.experiment = 'train'   # 'train': one MPL run (train.py); 'two_moons': the Sec. 3.1 sweep
+  config.experiment = 'train'   # 'train': one run (train.py); 'two_moons': the Sec. 3.1 sweep; 'digits': the 8x8 sweep
   config.method = 'mpl'         # 'mpl' | 'supervised' (labeled only) | 'uda' (teacher's sup+UDA loss alone)
   config.seed = 0
 
   # ---- data -------------------------------------------------------------------------------------------------
   config.dataset = ml_collections.ConfigDict(dict(
-      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'two_moons'
+      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'digits' | 'two_moons'
       name='cifar10',           # TFDS name (source 'tfds')
       data_dir='',              # TFDS data_dir, image-folder root, or .npz path; '' = TFDS default
       train_split='train',
@@ -45,7 +47,7 @@ def get_base_config():
       num_unlabeled=-1,         # -1: all of train not labeled and not validation
       split_seed=0,             # which examples are labeled / validation
       unlabeled_source='',      # '' = rest of train; else a TFDS name 'name[:split]' as extra unlabeled pool
-      augment='cifar',          # 'cifar' (flip + pad-crop; RandAugment+Cutout strong) | 'imagenet' | 'none'
+      augment='cifar',          # 'cifar' (flip + pad-crop; RandAugment+Cutout strong) | 'digits' | 'imagenet' | 'none'
       randaugment_num_ops=2,
       randaugment_magnitude=16,
       cutout_size=16,
@@ -112,7 +114,7 @@ def get_base_config():
   ))
   config.batch_norm_group_size = 0  # 0: statistics over the global batch; n: over groups of n examples
 
-  # ---- sweeps (experiment 'two_moons': experiments/two_moons.py) ---------------------------------------------
+  # ---- sweeps (experiments 'two_moons' and 'digits': experiments/*.py) -----------------------------------------
   config.sweep = ml_collections.ConfigDict(dict(
       methods=(),               # method names of the sweep; () = every method the experiment defines
       num_seeds=10,             # runs per method; seed i picks the labeled points and initialises the networks
@@ -128,18 +130,47 @@ def get_base_config():
   return config
 
 
+# The schedule shape of `:cpu` (ours), in fractions of `num_train_steps`: at its 200 steps, warmup and wait 20
+# steps, UDA ramp 40, finetuning 20, evaluation and checkpoints every 50, a log line every 20 (the paper's 300k-step
+# CIFAR run: 1.7 % warmup, 1 % wait, 1.7 % ramp, 0.3 % finetuning). docs/RESULTS.md measures the ramp's fraction.
+CPU_SCHEDULE = dict(warmup=1 / 10, wait=1 / 10, uda_ramp=1 / 5, finetune=1 / 10, eval_every=1 / 4,
+                    checkpoint_every=1 / 4, log_every=1 / 10)
+
+
+def _fraction_of(steps_ref, fraction, *, at_least_one):
+  """fraction * steps, rounded down (up with `at_least_one`), as an int FieldReference that follows `steps_ref`."""
+  ratio = fractions.Fraction(fraction).limit_denominator(10_000)
+  return (steps_ref * ratio.numerator + (ratio.denominator - 1 if at_least_one else 0)) // ratio.denominator
+
+
+def follow_num_train_steps(config, *, warmup, wait, uda_ramp, finetune, eval_every, checkpoint_every, log_every):
+  """Makes warmup, wait, UDA ramp, finetune length and the loop's cadences fractions of `num_train_steps`.
+
+  They become ml_collections FieldReferences of `config.num_train_steps`, resolved whenever they are read, so
+  `--config.num_train_steps=N` keeps the schedule's shape (a run of N steps warms up over warmup * N ...). A field set
+  explicitly (`--config.uda.ramp_steps=300`) holds its value and no longer follows.
+  """
+  steps = config.get_ref('num_train_steps')
+  for optimizer in (config.teacher_optimizer, config.student_optimizer):
+    optimizer.warmup_steps = _fraction_of(steps, warmup, at_least_one=False)
+  config.student_optimizer.wait_steps = _fraction_of(steps, wait, at_least_one=False)
+  config.teacher_optimizer.wait_steps = 0
+  config.uda.ramp_steps = _fraction_of(steps, uda_ramp, at_least_one=True)
+  config.finetune.num_steps = _fraction_of(steps, finetune, at_least_one=True) if finetune else 0
+  config.eval_every_steps = _fraction_of(steps, eval_every, at_least_one=True)
+  config.checkpoint_every_steps = _fraction_of(steps, checkpoint_every, at_least_one=True)
+  config.log_every_steps = _fraction_of(steps, log_every, at_least_one=True)
+  return config
+
+
 def shrink_for_cpu(config, *, steps=None, batch_size=None, image_size=None):
-  """Applies `local.*` style overrides to make any paper config run on a laptop CPU (ours)."""
+  """Applies `local.*` style overrides to make any paper config run on a laptop CPU (ours).
+
+  `steps`: the run's length, with the `CPU_SCHEDULE` shape following any later override of `num_train_steps`.
+  """
   if steps is not None:
     config.num_train_steps = steps
-    config.finetune.num_steps = min(config.finetune.num_steps, max(1, steps // 10))
-    for opt in (config.teacher_optimizer, config.student_optimizer):
-      opt.warmup_steps = min(opt.warmup_steps, steps // 10)
-      opt.wait_steps = min(opt.wait_steps, steps // 10)
-    config.uda.ramp_steps = min(config.uda.ramp_steps, max(1, steps // 5))
-    config.eval_every_steps = max(1, steps // 2)
-    config.checkpoint_every_steps = max(1, steps // 2)
-    config.log_every_steps = max(1, min(config.log_every_steps, steps // 10 or 1))
+    follow_num_train_steps(config, **CPU_SCHEDULE)
   if batch_size is not None:
     config.batch_size = batch_size
     config.eval_batch_size = min(config.eval_batch_size, 4 * batch_size)
@@ -150,7 +181,8 @@ def shrink_for_cpu(config, *, steps=None, batch_size=None, image_size=None):
 
 
 # `--config=configs/X.py:cpu`: any paper config shrunk for a laptop CPU (ours). The schedule keeps its shape
-# (wait, warmup, cosine) at 1/10 scale; the model is the config's `cpu_model`, a small net of the same family.
+# (wait, warmup, cosine; `CPU_SCHEDULE`) at any `num_train_steps`; the model is the config's `cpu_model`, a small
+# net of the same family.
 CPU_STEPS = 200
 CPU_BATCH_SIZE = 16
 CPU_IMAGE_SIZE = 32
@@ -168,5 +200,4 @@ def apply_config_arg(config, arg, *, cpu_model):
   if config.student_model.name:
     config.student_model.name = cpu_model
   config.uda_ratio = min(config.uda_ratio, CPU_UDA_RATIO)
-  config.checkpoint_every_steps = config.eval_every_steps = config.num_train_steps // 4
   return config

@@ -4,6 +4,11 @@ Views used by Meta Pseudo Labels (paper, Sec. 4 and App. C; UDA, Xie et al. 2020
 - weak (labeled batch and the teacher's x_w): random horizontal flip + pad-and-crop (pad 4, reflect);
 - strong (x_s): flip + pad-crop, RandAugment (N ops at magnitude M), Cutout, flip + pad-crop again, the order of
   the authors' released CIFAR pipeline;
+- digits ('digits': small grey handwritten digits, e.g. scikit-learn's 8x8 ones): no flip (a mirrored 2 is not a 2);
+  weak = a shift of up to `pad` pixels over the black background; strong = the weak view, one random rotation of up
+  to DIGITS_MAX_ROTATION degrees and shear of up to DIGITS_MAX_SHEAR about the centre, then a Cutout square, both
+  filled with the background (a digit stays a digit under small rotations, slants and missing stroke pieces; the
+  colour ops of RandAugment mean little on 17 grey levels and Invert/Solarize turn strokes into background);
 - ImageNet: Inception-style random resized crop (area 0.08..1, aspect 3/4..4/3) + flip for training (strong adds
   RandAugment), resize + central crop of 87.5% for evaluation.
 
@@ -25,6 +30,9 @@ import math
 import tensorflow as tf
 
 FILL_VALUE = 128
+DIGITS_MAX_ROTATION = 15.0   # degrees
+DIGITS_MAX_SHEAR = 0.2       # x offset per row, about the centre (~11 degrees of slant)
+DIGITS_BACKGROUND = 0
 _MAX_LEVEL = 10.0
 CENTER_CROP_FRACTION = 0.875  # ImageNet evaluation: 224 of 256
 
@@ -43,23 +51,29 @@ def _to_uint8(image):
 
 # ---- geometric ops --------------------------------------------------------------------------------------------
 
-def _projective(image, transform):
-  """Warps `image` by an 8-parameter transform mapping output (x, y) to input coordinates; grey outside."""
+def _projective(image, transform, fill_value=FILL_VALUE):
+  """Warps `image` by an 8-parameter transform mapping output (x, y) to input coordinates; `fill_value` outside."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   warped = tf.raw_ops.ImageProjectiveTransformV3(
       images=image[None], transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
-      output_shape=tf.stack([height, width]), fill_value=float(FILL_VALUE), interpolation='NEAREST',
+      output_shape=tf.stack([height, width]), fill_value=float(fill_value), interpolation='NEAREST',
       fill_mode='CONSTANT')
   return warped[0]
 
 
-def rotate(image, degrees):
+def rotate_and_shear(image, degrees, shear, fill_value=FILL_VALUE):
+  """Rotation by `degrees` after an x-shear of `shear`, both about the image centre."""
   radians = degrees * (math.pi / 180.0)
   cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1.0) / 2.0
   cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1.0) / 2.0
   cos, sin = tf.cos(radians), tf.sin(radians)
-  return _projective(image, tf.stack([cos, -sin, cx - cos * cx + sin * cy,
-                                      sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]))
+  a, b, c, d = cos, cos * shear - sin, sin, sin * shear + cos   # output -> input: rotation @ shear
+  return _projective(image, tf.stack([a, b, cx - a * cx - b * cy, c, d, cy - c * cx - d * cy, 0.0, 0.0]),
+                     fill_value)
+
+
+def rotate(image, degrees):
+  return rotate_and_shear(image, degrees, 0.0)
 
 
 def shear_x(image, level):
@@ -78,8 +92,8 @@ def translate_y(image, pixels):
   return _projective(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0]))
 
 
-def cutout(image, size, seed):
-  """Fills a size x size square (clipped at the border) centred uniformly in the image with grey (DeVries 2017)."""
+def cutout(image, size, seed, fill_value=FILL_VALUE):
+  """Fills a size x size square (clipped at the border) centred uniformly in the image (DeVries 2017)."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   seed_y, seed_x = _split(seed, 2)
   cy = tf.random.stateless_uniform([], seed_y, minval=0, maxval=height, dtype=tf.int32)
@@ -88,7 +102,7 @@ def cutout(image, size, seed):
   rows = tf.range(height)[:, None]
   cols = tf.range(width)[None, :]
   inside = (rows >= cy - half) & (rows < cy - half + size) & (cols >= cx - half) & (cols < cx - half + size)
-  return tf.where(inside[:, :, None], tf.constant(FILL_VALUE, image.dtype), image)
+  return tf.where(inside[:, :, None], tf.constant(fill_value, image.dtype), image)
 
 
 # ---- colour ops (PIL semantics) -------------------------------------------------------------------------------
@@ -224,6 +238,14 @@ def flip_and_pad_crop(image, seed, pad):
   return image
 
 
+def shift_over_background(image, seed, pad):
+  """A random shift of up to `pad` pixels each way, the uncovered border filled with the digits' background."""
+  if not pad:
+    return image
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], constant_values=DIGITS_BACKGROUND)
+  return tf.image.stateless_random_crop(padded, tf.shape(image), seed)
+
+
 def inception_crop(image, seed, size):
   """Random resized crop (Szegedy et al. 2015): area 8%..100%, aspect 3/4..4/3, resized to size x size."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -248,9 +270,12 @@ def resize_shorter_and_center_crop(image, size):
 
 
 def weak_view(image, seed, *, kind, image_size, pad):
-  """The weak view: flip + pad-crop ('cifar'), inception crop + flip ('imagenet'), unchanged ('none')."""
+  """The weak view: flip + pad-crop ('cifar'), a shift ('digits'), inception crop + flip ('imagenet'), unchanged
+  ('none')."""
   if kind == 'cifar':
     return flip_and_pad_crop(image, seed, pad)
+  if kind == 'digits':
+    return shift_over_background(image, seed, pad)
   if kind == 'imagenet':
     crop_seed, flip_seed = _split(seed, 2)
     return tf.image.stateless_random_flip_left_right(inception_crop(image, crop_seed, image_size), flip_seed)
@@ -258,11 +283,17 @@ def weak_view(image, seed, *, kind, image_size, pad):
 
 
 def strong_view(image, seed, *, kind, image_size, pad, num_ops, magnitude, cutout_size):
-  """The strong view x_s: the weak view, RandAugment, then (CIFAR) Cutout and a second flip + pad-crop."""
+  """The strong view x_s: the weak view, RandAugment, then (CIFAR) Cutout and a second flip + pad-crop; for
+  'digits' the weak view, a rotation + shear and Cutout (module docstring)."""
   weak_seed, ra_seed, cutout_seed, second_seed = _split(seed, 4)
   if kind == 'none':
     return image
   image = weak_view(image, weak_seed, kind=kind, image_size=image_size, pad=pad)
+  if kind == 'digits':
+    rotation_seed, shear_seed = _split(ra_seed, 2)
+    image = rotate_and_shear(image, _uniform(rotation_seed, -DIGITS_MAX_ROTATION, DIGITS_MAX_ROTATION),
+                             _uniform(shear_seed, -DIGITS_MAX_SHEAR, DIGITS_MAX_SHEAR), DIGITS_BACKGROUND)
+    return cutout(image, cutout_size, cutout_seed, DIGITS_BACKGROUND) if cutout_size else image
   if kind == 'cifar':
     image = randaugment(image, ra_seed, num_ops=num_ops, magnitude=magnitude, translate_const=image_size // 8,
                         cutout_const=image_size // 8)

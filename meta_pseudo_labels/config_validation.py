@@ -18,8 +18,8 @@ from meta_pseudo_labels import trained_models
 
 METHODS = ('mpl', 'supervised', 'uda')
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
-SOURCES = ('tfds', 'folder', 'npz', 'two_moons')
-AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')
+AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
 SCHEDULES = ('cosine', 'constant')
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.
 MIN_IMAGE_SIZE = 8
@@ -166,7 +166,7 @@ def validate(config, num_devices):
   if method == 'mpl' and wait_steps >= num_train_steps:
     raise errors.ConfigError(f'student_optimizer.wait_steps: the student waits {wait_steps} steps at lr 0 but the run '
                              f'has num_train_steps={num_train_steps}, so it would never learn; lower '
-                             '--config.student_optimizer.wait_steps (a `:cpu` config waits 20 steps)')
+                             '--config.student_optimizer.wait_steps (a `:cpu` config waits 10 % of its steps)')
 
   # Batches against the mesh: each batch is split over the data x fsdp devices, image widths over spatial.
   data, fsdp, spatial = sharding.mesh_shape(config.mesh, num_devices)

@@ -1,4 +1,4 @@
-"""Where examples come from: TFDS, an image folder, a .npz file or the TwoMoon generator.
+"""Where examples come from: TFDS, an image folder, a .npz file, scikit-learn's digits or the TwoMoon generator.
 
 Every source yields (image, label) pairs; `input_pipeline` does the splitting, batching and augmentation, so custom
 data goes through exactly the same pipeline as the paper's data sets, chosen by `config.dataset.source` alone.
@@ -19,12 +19,17 @@ from meta_pseudo_labels import augment
 from meta_pseudo_labels import synthetic
 from meta_pseudo_labels.errors import ConfigError, DataError
 
-SOURCES = ('tfds', 'folder', 'npz', 'two_moons')
+SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 TWO_MOONS_POINTS = 2000  # paper, Sec. 3.1: 1000 per moon
 TWO_MOONS_NOISE = 0.1    # ours: the paper shows the moons but does not state the noise
 _LOAD_BATCH = 1024
+# scikit-learn's bundled digits (the UCI optdigits test set: 1797 8x8 images, 17 grey levels 0..16). Fixed split:
+# the last DIGITS_TEST_SIZE images in the stored order are the test split (46..51 of every class), the first 1297
+# the training split, out of which the pipeline draws the labeled, validation and unlabeled pools.
+DIGITS_TEST_SIZE = 500
+DIGITS_MAX_LEVEL = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,8 @@ def load_in_memory(dataset_config, stored_size):
     test = _folder_arrays(dataset_config.data_dir, dataset_config.test_split, class_names, stored_size)
   elif source == 'npz':
     train, test = _npz_arrays(dataset_config.data_dir, stored_size)
+  elif source == 'digits':
+    train, test = _digits_arrays(stored_size)
   elif source == 'two_moons':
     train = Arrays(*synthetic.make_two_moons(TWO_MOONS_POINTS, TWO_MOONS_NOISE, seed=dataset_config.split_seed))
     test = Arrays(*synthetic.make_two_moons(TWO_MOONS_POINTS, TWO_MOONS_NOISE, seed=dataset_config.split_seed + 1))
@@ -228,6 +235,27 @@ def _folder_arrays(root, split, class_names, stored_size):
   return Arrays(np.stack(images), np.asarray(labels, np.int32))
 
 
+# ---- scikit-learn digits -------------------------------------------------------------------------------------
+
+def _digits_arrays(stored_size):
+  """(train, test) of the bundled digits as uint8 RGB images (grey level g -> round(255 g / 16)), no download."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  # only this source needs scikit-learn
+  digits = datasets.load_digits()
+  grey = np.round(digits.images * (255.0 / DIGITS_MAX_LEVEL)).astype(np.uint8)
+  images = _fit_images(np.repeat(grey[..., None], 3, axis=-1), stored_size)
+  labels = digits.target.astype(np.int32)
+  cut = len(labels) - DIGITS_TEST_SIZE
+  return Arrays(images[:cut], labels[:cut]), Arrays(images[cut:], labels[cut:])
+
+
+def _fit_images(images, stored_size):
+  """uint8 [N, H, W, 3] images resized to stored_size x stored_size (unchanged when they already are)."""
+  if images.shape[1:3] == (stored_size, stored_size):
+    return images
+  resized = tf.data.Dataset.from_tensor_slices(images).map(lambda image: fit_image(image, stored_size))
+  return np.concatenate(list(resized.batch(_LOAD_BATCH).as_numpy_iterator()))
+
+
 # ---- .npz -----------------------------------------------------------------------------------------------------
 
 def _npz_arrays(path, stored_size):
@@ -267,9 +295,6 @@ def _npz_inputs(path, split, x, stored_size):
                       f'first in row {bad_rows[0]}; remove or replace those rows')
     return x
   if x.ndim == 4 and x.dtype == np.uint8 and x.shape[-1] in (1, 3):
-    if x.shape[1:3] == (stored_size, stored_size):
-      return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-    resized = tf.data.Dataset.from_tensor_slices(x).map(lambda image: fit_image(image, stored_size))
-    return np.concatenate(list(resized.batch(_LOAD_BATCH).as_numpy_iterator()))
+    return _fit_images(np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x, stored_size)
   raise DataError(f'{path}: x_{split} must be uint8 images [N, H, W, 1|3] or float vectors [N, D], got '
                   f'{x.dtype} {x.shape}')

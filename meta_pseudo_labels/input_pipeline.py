@@ -38,7 +38,7 @@ from meta_pseudo_labels.input_spec import InputSpec
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 EVAL_SPLITS = ('validation', 'test', 'train_labeled')
-AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _POOLS = ('labeled', 'validation', 'unlabeled')
@@ -333,15 +333,22 @@ class Pipeline:
     batches = labeled.map(lambda image, label: {'labeled_image': image, 'labeled_label': label})
     return self._finish(batches).as_numpy_iterator()
 
-  def eval_batches(self, split, batch_size=None):
-    """One pass over 'validation' | 'test' | 'train_labeled', no augmentation; the last batch padded (mask 0)."""
+  def eval_batches(self, split, batch_size=None, view='eval'):
+    """One pass over 'validation' | 'test' | 'train_labeled'; the last batch padded (mask 0).
+
+    `view`: 'eval' (no augmentation), or 'weak' / 'strong', the training views of each example, seeded by its
+    position (diagnostics: what the teacher's labels on x_s are worth).
+    """
     if split not in EVAL_SPLITS:
       raise ConfigError(f"eval split '{split}' is not one of {list(EVAL_SPLITS)}")
     batch_size = batch_size or self._config.eval_batch_size
     rows = self._rows(batch_size, 'eval_batch_size')
-    examples = self._examples.eval_examples(split, batch_size=batch_size, rows=rows)
-    batches = examples.map(lambda image, label, mask: {'image': self._views.eval(image), 'label': label,
-                                                       'mask': mask}, tf.data.AUTOTUNE)
+    key = _key(self._config.seed, split, view)
+    view_fn = {'eval': lambda image, _: self._views.eval(image), 'weak': self._views.weak,
+               'strong': self._views.strong}[view]
+    examples = self._examples.eval_examples(split, batch_size=batch_size, rows=rows).enumerate()
+    batches = examples.map(lambda p, example: {'image': view_fn(example[0], _seed(key, p)), 'label': example[1],
+                                               'mask': example[2]}, tf.data.AUTOTUNE)
     return self._finish(batches.batch(rows[1] - rows[0], drop_remainder=True)).as_numpy_iterator()
 
 

@@ -41,16 +41,26 @@ PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: a checkpoint was saved; schedulers 
 EXPERIMENTS = {
     'train': ('meta_pseudo_labels.train', 'train_and_evaluate'),
     'two_moons': ('meta_pseudo_labels.experiments.two_moons', 'run'),
+    'digits': ('meta_pseudo_labels.experiments.digits', 'run'),
 }
+# Sweeps of whole training runs: their function also takes `train_fn`, the 'train' program (program modules never
+# import one another, so main, which dispatches them all, hands it over).
+SWEEPS_OF_TRAINING_RUNS = ('digits',)
+
+
+def _experiment_function(name):
+  if name not in EXPERIMENTS:
+    raise errors.ConfigError(f'experiment: unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}')
+  module_name, function_name = EXPERIMENTS[name]
+  return getattr(importlib.import_module(module_name), function_name)
 
 
 def train_and_evaluate(config, workdir):
   """Runs the experiment `config.experiment` names, writing everything under `workdir`."""
-  if config.experiment not in EXPERIMENTS:
-    raise errors.ConfigError(f'experiment: unknown experiment {config.experiment!r}; '
-                             f'choose one of {sorted(EXPERIMENTS)}')
-  module_name, function_name = EXPERIMENTS[config.experiment]
-  return getattr(importlib.import_module(module_name), function_name)(config, workdir)
+  function = _experiment_function(config.experiment)
+  if config.experiment in SWEEPS_OF_TRAINING_RUNS:
+    return function(config, workdir, train_fn=_experiment_function('train'))
+  return function(config, workdir)
 
 
 def _config_imports_work_from_anywhere(argv):

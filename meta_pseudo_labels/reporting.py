@@ -1,15 +1,20 @@
 """Metrics and progress: a thin wrapper over clu's metric writers, so the training loop never imports clu.
 
 Scalars go to TensorBoard event files under `workdir/tensorboard` and to the log (clu's default writer). Only the
-primary process writes event files; the others log. `progress(step)` adds a line with steps/s and an ETA measured
-between two calls, so call it where the host has synchronised with the device (at log steps, after fetching
-metrics) or the rate would measure dispatch, not computation.
-"""
+primary process writes event files; the others log; `read_scalars` reads them back (sweeps plot their curves), and
+`write_sweep_results` writes and prints a sweep's table and JSON.
+`progress(step)` adds a line with steps/s and an ETA measured between two calls, so call it where the host has
+synchronised with the device (at log steps, after fetching metrics) or the rate would measure dispatch, not
+computation."""
 
+import glob
+import json
+import os
 import time
 
 from absl import logging
 from clu import metric_writers
+import jax
 
 
 def format_duration(seconds):
@@ -55,3 +60,31 @@ class Reporter:
 
   def close(self):
     self._writer.close()
+
+
+def read_scalars(logdir, tags):
+  """{tag: [(step, value), ...] sorted by step} of the `tags` written to the event files under `logdir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only reading event files back needs TF
+  scalars = {tag: {} for tag in tags}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag in scalars:
+          number = value.simple_value if value.HasField('simple_value') else float(tf.make_ndarray(value.tensor))
+          scalars[value.tag][event.step] = number
+  return {tag: sorted(values.items()) for tag, values in scalars.items()}
+
+
+def write_sweep_results(config, paths, table, fields, headline):
+  """Writes a sweep's markdown table and its JSON (`fields`, the versions, the config and the files), then prints
+  `headline`, the table and where the files are; returns the JSON's contents."""
+  with open(paths['table'], 'w') as f:
+    f.write(table)
+  summary = {**fields, 'jax_version': jax.__version__, 'backend': jax.default_backend(),
+             'config': json.loads(config.to_json_best_effort()), 'files': paths}
+  with open(paths['results'], 'w') as f:
+    json.dump(summary, f, indent=1)
+  print(f'{headline}\n{table}', flush=True)
+  for key, path in paths.items():
+    print(f'{key}: {path}', flush=True)
+  return summary

@@ -140,3 +140,39 @@ def test_none_views_are_identity():
                                             magnitude=16, cutout_size=16).numpy(), image.numpy())
   assert np.array_equal(augment.weak_view(image, _seed(1), kind='none', image_size=32, pad=4).numpy(),
                         image.numpy())
+
+
+def _digit():
+  """An asymmetric 8x8 'digit': a vertical stroke with a foot to the right, on the black background."""
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[1:7, 3] = 255
+  image[6, 3:6] = 255
+  return image
+
+
+def test_digits_weak_view_is_a_shift_over_the_background_never_a_flip():
+  image = _digit()
+  padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+  shifts = [padded[dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
+  mirrored = image[:, ::-1]
+  for i in range(20):
+    out = augment.weak_view(tf.constant(image), _seed(i), kind='digits', image_size=8, pad=1).numpy()
+    assert any(np.array_equal(out, shift) for shift in shifts)
+    assert not any(np.array_equal(out, np.pad(mirrored, ((1, 1), (1, 1), (0, 0)))[dy:dy + 8, dx:dx + 8])
+                   for dy in range(3) for dx in range(3))
+
+
+def test_digits_strong_view_rotates_shears_and_cuts_out_with_the_background():
+  image = tf.constant(_digit())
+  views = [augment.strong_view(image, _seed(i), kind='digits', image_size=8, pad=1, num_ops=2, magnitude=16,
+                               cutout_size=3).numpy() for i in range(16)]
+  np.testing.assert_array_equal(views[0], augment.strong_view(image, _seed(0), kind='digits', image_size=8, pad=1,
+                                                              num_ops=2, magnitude=16, cutout_size=3).numpy())
+  for view in views:
+    assert view.shape == (8, 8, 3) and view.dtype == np.uint8
+    assert set(np.unique(view)) <= {0, 255}   # nearest-neighbour warp, background fill: no grey appears
+  weak = [augment.weak_view(image, _seed(i), kind='digits', image_size=8, pad=1).numpy() for i in range(16)]
+  assert sum(not any(np.array_equal(v, w) for w in weak) for v in views) >= 12   # not only a shift
+  # A rotation by 90 degrees about the centre (counter-clockwise, as PIL) turns the stroke horizontal.
+  rotated = augment.rotate_and_shear(image, 90.0, 0.0, fill_value=0).numpy()
+  np.testing.assert_array_equal(rotated[..., 0], np.rot90(_digit()[..., 0], k=1))

@@ -230,8 +230,8 @@ def _vector_config(**overrides):
     (_vector_config, {'ema_decay': float('nan')}, 1, 'ema_decay: must be a finite number, got nan'),
     (_vector_config, {'on_nonfinite': 'ignore'}, 1, "on_nonfinite: unknown value 'ignore'"),
     (_image_config, {'dataset.source': 'folder'}, 1, 'dataset.data_dir: source \'folder\' needs a path'),
-    (_image_config, {'num_train_steps': 12}, 1, 'student_optimizer.wait_steps: the student waits 20 steps at lr 0 '
-     'but the run has num_train_steps=12'),
+    (_image_config, {'num_train_steps': 12, 'student_optimizer.wait_steps': 20}, 1,
+     'student_optimizer.wait_steps: the student waits 20 steps at lr 0 but the run has num_train_steps=12'),
     (_image_config, {'dataset.randaugment_magnitude': -5}, 1,
      'dataset.randaugment_magnitude: must be in [0.0, inf), got -5'),
     (_image_config, {'dataset.randaugment_num_ops': -1}, 1,

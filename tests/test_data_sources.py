@@ -165,3 +165,18 @@ def test_tfds_mock_cifar10_and_extra_unlabeled_pool():
   assert data.extra_unlabeled.images.shape == (12, 16, 16, 3)
   assert (data.extra_unlabeled.labels == -1).all()
   assert data_sources.parse_unlabeled_source('jft') == ('jft', 'train')
+
+
+def test_digits_source_is_scikit_learns_digits_with_a_fixed_test_split():
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  data = data_sources.load_in_memory(_dataset_config(source='digits', num_classes=10), stored_size=8)
+  assert data.train.images.shape == (1297, 8, 8, 3) and data.test.images.shape == (500, 8, 8, 3)
+  assert data.train.images.dtype == np.uint8 and data.extra_unlabeled is None
+  np.testing.assert_array_equal(np.concatenate([data.train.labels, data.test.labels]), digits.target)
+  # Grey level g of 0..16 becomes round(255 g / 16), the same in the three channels; the test split is the last 500.
+  np.testing.assert_array_equal(data.test.images[-1, ..., 1], np.round(digits.images[-1] * 255 / 16))
+  assert np.array_equal(data.train.images[..., 0], data.train.images[..., 2])
+  assert np.bincount(data.test.labels).tolist() == [50, 51, 49, 51, 51, 51, 51, 50, 46, 50]
+  assert data_sources.load_in_memory(_dataset_config(source='digits', num_classes=10),
+                                     stored_size=16).train.images.shape == (1297, 16, 16, 3)

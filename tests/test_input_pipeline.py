@@ -249,3 +249,18 @@ def test_folder_source_with_a_tfds_unlabeled_pool(tmp_path, monkeypatch):
   assert batch['unlabeled_strong'].shape == (8, 16, 16, 3)
   assert opened == [('svhn_cropped', '')]
   assert pipeline.split_sizes['unlabeled'] == 15 + 10
+
+
+def test_digits_source_through_create():
+  config = _config(source='digits', num_classes=10, image_size=8, augment='digits', pad_crop=1, cutout_size=3)
+  pipeline = input_pipeline.create(config)
+  assert pipeline.split_sizes == {'train_labeled': 20, 'validation': 10, 'unlabeled': 1267, 'test': 500}
+  assert pipeline.input_shape == (8, 8, 3)
+  batch = next(pipeline.mpl_batches())
+  assert batch['labeled_image'].shape == (4, 8, 8, 3) and batch['unlabeled_strong'].shape == (8, 8, 8, 3)
+  assert batch['labeled_image'].dtype == np.float32
+  assert sum(len(b['label']) for b in pipeline.eval_batches('test')) == 504   # 63 batches of 8, the last padded
+  # The training views of the eval splits (diagnostics): seeded by position, so repeatable, and not the eval view.
+  views = {view: next(pipeline.eval_batches('validation', view=view))['image'] for view in ('eval', 'strong')}
+  np.testing.assert_array_equal(views['strong'], next(pipeline.eval_batches('validation', view='strong'))['image'])
+  assert not np.array_equal(views['eval'], views['strong'])

@@ -1,0 +1,107 @@
+r"""Why an MPL student ends below its teacher: measurements on a finished MPL run (issue 12), no training.
+
+    python -m meta_pseudo_labels.experiments.student_diagnosis --workdir=RUN_DIR
+
+RUN_DIR is the workdir of a `train` run of method 'mpl' (e.g. WORKDIR/mpl/seed_0 of the digits sweep). From the MPL
+phase's newest checkpoint it prints test top-1 of the teacher, the student and the EMA student
+
+- as trained: BatchNorm statistics accumulated in training; the student's come from its x_s batches alone, the
+  strong views (mpl.student_gradient; the x_l forwards of h discard theirs);
+- with every BatchNorm's statistics re-estimated on clean training images (the labeled and validation pools'
+  pixels, one batch, labels unused): a large gain means the stored statistics, not the weights, cost accuracy;
+
+and, on the clean, weak and strong views of the validation images, the teacher's top-1 and its mean probability of
+the true class: how often an argmax or a sampled label, what the student learns from on x_s, is right.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from meta_pseudo_labels import checkpoint
+from meta_pseudo_labels import input_pipeline
+from meta_pseudo_labels import models
+from meta_pseudo_labels import mpl
+from meta_pseudo_labels import train_state
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
+
+
+def _top1(apply_fn, variables, batches):
+  step = jax.jit(lambda v, b: mpl.eval_step(apply_fn, v, b))
+  sums = [step(variables, batch) for batch in batches]
+  return float(sum(s['top1_correct'] for s in sums) / sum(s['count'] for s in sums))
+
+
+def _true_class_probability(apply_fn, variables, batches):
+  """Mean p_T(y | x) over the examples: how often a label sampled from the network is the true one."""
+  probability = jax.jit(lambda v, b: jnp.sum(b['mask'] * jnp.take_along_axis(
+      jax.nn.softmax(apply_fn(v, b['image'], train=False)), b['label'][:, None], axis=-1)[:, 0]))
+  batches = list(batches)
+  return float(sum(probability(variables, b) for b in batches) / sum(b['mask'].sum() for b in batches))
+
+
+def _restore_mpl_state(config, workdir, teacher_model, student_model, input_shape):
+  abstract = jax.eval_shape(
+      lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
+      jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', 'mpl'), keep=1, async_save=False)
+  try:
+    state, _, step = ckpt.restore(None, abstract)
+  finally:
+    ckpt.close()
+  return state, step
+
+
+def _recalibrated(model_config, num_classes, variables, images):
+  """`variables` with BatchNorm statistics set to those of `images` (one train-mode pass at momentum 0)."""
+  clean_config = ml_collections.ConfigDict(model_config.to_dict())
+  clean_config.bn_momentum = 0.0
+  model = models.create_model(clean_config, num_classes)
+  _, updates = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(0)},
+                           mutable=['batch_stats'])
+  return {'params': variables['params'], 'batch_stats': updates['batch_stats']}
+
+
+def diagnose(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  pipeline = input_pipeline.create(config)
+  num_classes = pipeline.num_classes
+  teacher_model = models.create_model(config.model, num_classes)
+  student_config = config.student_model if config.student_model.name else config.model
+  student_model = models.create_model(student_config, num_classes)
+  state, step = _restore_mpl_state(config, workdir, teacher_model, student_model, pipeline.input_shape)
+  test = list(pipeline.eval_batches('test'))
+  clean = jnp.concatenate([b['image'][b['mask'] > 0] for split in ('train_labeled', 'validation')
+                           for b in pipeline.eval_batches(split)])
+  networks = {'teacher': (teacher_model, config.model, state.teacher.variables),
+              'student': (student_model, student_config, state.student.variables),
+              'student_ema': (student_model, student_config, state.student_ema)}
+  print(f'{workdir}: MPL step {step}; BatchNorm statistics re-estimated on {len(clean)} clean training images')
+  print(f'{"network":<12} {"test top-1 as trained":>22} {"re-estimated BN":>16}')
+  for name, (model, model_config, variables) in networks.items():
+    as_trained = _top1(model.apply, variables, test)
+    recalibrated = _top1(model.apply, _recalibrated(model_config, num_classes, variables, clean), test)
+    print(f'{name:<12} {100 * as_trained:>21.2f}% {100 * recalibrated:>15.2f}%')
+  for view in ('eval', 'weak', 'strong'):
+    batches = list(pipeline.eval_batches('validation', view=view))
+    accuracy = _top1(teacher_model.apply, state.teacher.variables, batches)
+    sampled = _true_class_probability(teacher_model.apply, state.teacher.variables, batches)
+    print(f'teacher on the {view} views of the validation images: top-1 (an argmax label is right) '
+          f'{100 * accuracy:.2f}%, mean p(true class) (a sampled label is right) {100 * sampled:.2f}%')
+
+
+def main(argv):
+  del argv
+  diagnose(_WORKDIR.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
