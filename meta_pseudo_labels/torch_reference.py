@@ -114,16 +114,12 @@ def _optimizer(model, optimizer_config):
 @contextlib.contextmanager
 def _frozen_batch_stats(model):
   """Train-mode BatchNorm (batch statistics) with the running statistics left as they are (`labeled_loss`)."""
-  torch = _torch()
-  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  momenta = [m.momentum for m in norms]
-  for m in norms:
-    m.momentum = 0.0
+  saved = [(buffer, buffer.clone()) for buffer in model.buffers()]   # BatchNorm's running statistics and counts
   try:
     yield
   finally:
-    for m, momentum in zip(norms, momenta):
-      m.momentum = momentum
+    for buffer, value in saved:
+      buffer.copy_(value)
 
 
 class MplStep:
