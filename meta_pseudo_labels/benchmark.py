@@ -17,6 +17,12 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
   FLOP/s is reported as a fraction of it;
 - the input pipeline alone (decode, weak + strong augmentation, batching) in examples/s, next to the examples/s
   the MPL step consumes.
+- where torch is installed (the optional extra `bench`) and the models are WideResNets: the PyTorch reference of
+  the hard_taylor step (`torch_reference.py`), run after each timed hard_taylor step on the matching device with
+  XLA:CPU's thread count, so that project / PyTorch step time (wall and CPU) is a ratio taken under one load.
+
+Every executable is compiled with `xla_cpu.compiler_options()` (on CPU: convolutions in XLA's own kernels), the
+options the training step uses.
 
 The workload (models, shapes, synthetic batch) and the cost helpers are `workload.py`'s, the ones `compile_check`
 uses. FLOPs come from XLA's cost analysis of the compiled executable (2 per multiply-add, padding-aware), memory from
@@ -36,6 +42,7 @@ import copy
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -189,8 +196,9 @@ def torch_reference_step(config, batch) -> tuple[Callable[[], Any] | None, dict[
   device = torch_reference.device_for(jax.default_backend())
   torch_reference.set_threads(len(os.sched_getaffinity(0)))
   step = torch_reference.MplStep(config, jax.device_get(batch), device)
-  counter = iter(range(1 << 62))
-  return (lambda: torch_reference.timed_call(step, next(counter))), dict(device=device, **torch_reference.describe())
+  counter = itertools.count()
+  return (lambda: torch_reference.run_to_completion(step, next(counter))), dict(device=device,
+                                                                               **torch_reference.describe())
 
 
 def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats: int,

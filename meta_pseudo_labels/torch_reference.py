@@ -23,7 +23,6 @@ Learning-rate schedules are not reproduced (a constant rate costs the same).
 
 import contextlib
 import importlib.util
-import time
 from typing import Any
 
 import numpy as np
@@ -214,12 +213,10 @@ def synchronize(device: str) -> None:
     _torch().cuda.synchronize()
 
 
-def timed_call(step: MplStep, index: int) -> tuple[float, float]:
-  """Wall and process CPU seconds of one reference step, run to completion."""
-  start_wall, start_cpu = time.perf_counter(), time.process_time()
+def run_to_completion(step: MplStep, index: int) -> None:
+  """Step number `index` of the reference, returning when its device has finished it (for timing)."""
   step(index)
   synchronize(step.device)
-  return time.perf_counter() - start_wall, time.process_time() - start_cpu
 
 
 def set_threads(count: int) -> None:
