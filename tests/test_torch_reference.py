@@ -42,7 +42,7 @@ def test_one_step_updates_both_networks_and_leaves_the_feedback_statistics_alone
   assert all(torch.equal(a, b) for a, b in zip(stats, step.student.buffers()))
   assert step._labeled_loss(seed=1) == step._labeled_loss(seed=1)   # same dropout mask on both sides of h
   loss = step(0)
-  assert np.isfinite(float(loss))
+  assert np.isfinite(float(loss.detach()))
   assert any(not torch.equal(a, b) for a, b in zip(teacher_before, step.teacher.parameters()))
   assert any(not torch.equal(a, b) for a, b in zip(student_before, step.student.parameters()))
 
