@@ -17,6 +17,12 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
   FLOP/s is reported as a fraction of it;
 - the input pipeline alone (decode, weak + strong augmentation, batching) in examples/s, next to the examples/s
   the MPL step consumes.
+- where torch is installed (the optional extra `bench`) and the models are WideResNets: the PyTorch reference of
+  the hard_taylor step (`torch_reference.py`), run after each timed hard_taylor step on the matching device with
+  XLA:CPU's thread count, so that project / PyTorch step time (wall and CPU) is a ratio taken under one load.
+
+Every executable is compiled with `xla_cpu.compiler_options()` (on CPU: convolutions in XLA's own kernels), the
+options the training step uses.
 
 The workload (models, shapes, synthetic batch) and the cost helpers are `workload.py`'s, the ones `compile_check`
 uses. FLOPs come from XLA's cost analysis of the compiled executable (2 per multiply-add, padding-aware), memory from
@@ -36,6 +42,7 @@ import copy
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -50,8 +57,10 @@ import numpy as np
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import mpl
+from meta_pseudo_labels import torch_reference
 from meta_pseudo_labels import train_state
 from meta_pseudo_labels import workload
+from meta_pseudo_labels import xla_cpu
 
 FEEDBACK_MODES = tuple(mode for mode in mpl.FEEDBACK_MODES if mode != 'none')   # 'none' has no feedback to time
 PIPELINE_DATA = ('synthetic', 'config')
@@ -69,33 +78,43 @@ def hlo_op_counts(compiled) -> dict[str, int]:
               host_transfers=sum(text.count(op) for op in HOST_TRANSFER_OPS))
 
 
-def _median_seconds(call: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
-  """Median wall-clock and median process CPU seconds (all threads) of `call()` run to completion.
+def _alternating_median_seconds(calls: Sequence[Callable[[], Any]], warmup: int,
+                                repeats: int) -> list[tuple[float, float]]:
+  """Median wall-clock and median process CPU seconds (all threads) of each `call()` run to completion.
 
   On an oversubscribed host the wall clock measures the load as much as the work; the process CPU time counts
   only the cycles this process got, so ratios of CPU seconds stay meaningful there (on an accelerator the CPU
-  time is the host's dispatch overhead instead).
+  time is the host's dispatch overhead instead). Several calls are timed in turn, one run of each per repeat, so
+  a change of load between repeats weighs on all of them alike.
   """
   for _ in range(warmup):
-    jax.block_until_ready(call())
-  wall, cpu = [], []
+    for call in calls:
+      jax.block_until_ready(call())
+  wall, cpu = [[] for _ in calls], [[] for _ in calls]
   for _ in range(repeats):
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(call())
-    wall.append(time.perf_counter() - start_wall)
-    cpu.append(time.process_time() - start_cpu)
-  return statistics.median(wall), statistics.median(cpu)
+    for index, call in enumerate(calls):
+      start_wall, start_cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(call())
+      wall[index].append(time.perf_counter() - start_wall)
+      cpu[index].append(time.process_time() - start_cpu)
+  return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
 
 
-def measure_step(step: Callable, state, *args, examples: int, warmup: int, repeats: int) -> dict[str, Any]:
+def _median_seconds(call: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
+  return _alternating_median_seconds([call], warmup, repeats)[0]
+
+
+def measure_step(step: Callable, state, *args, examples: int, warmup: int, repeats: int,
+                 reference: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Compiles `step(state, *args) -> (state, aux)` with the state donated, then times it fed its own output.
 
   Returns compile seconds (tracing + lowering + XLA compilation; wall and process CPU), the median step seconds
   (wall and process CPU), examples/s (`examples` per step), XLA FLOPs and FLOP/s, memory
   (with `donated_fraction`: aliased bytes / state bytes, 1.0 when the whole state is updated in place) and the HLO
-  op counts.
+  op counts. With a `reference` (the PyTorch step), it runs after each step and its medians are
+  `reference_seconds` / `reference_cpu_seconds`.
   """
-  jitted = jax.jit(step, donate_argnums=0)
+  jitted = jax.jit(step, donate_argnums=0, compiler_options=xla_cpu.compiler_options())
   start, start_cpu = time.perf_counter(), time.process_time()
   compiled = jitted.lower(state, *args).compile()
   compile_seconds, compile_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
@@ -106,7 +125,9 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
     carry[0], aux = compiled(carry[0], *args)
     return carry[0], aux
 
-  seconds, cpu_seconds = _median_seconds(call, warmup, repeats)
+  timed = _alternating_median_seconds([call] + ([reference] if reference else []), warmup, repeats)
+  (seconds, cpu_seconds), reference_times = timed[0], dict(zip(('reference_seconds', 'reference_cpu_seconds'),
+                                                               timed[1] if reference else ()))
   flops = workload.xla_flops(compiled)
   memory = workload.memory_stats(compiled)
   memory['state_bytes'] = state_bytes
@@ -114,12 +135,12 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
   return dict(compile_seconds=compile_seconds, compile_cpu_seconds=compile_cpu_seconds, step_seconds=seconds,
               step_cpu_seconds=cpu_seconds, examples_per_step=examples, examples_per_second=examples / seconds,
               flops=flops, flops_per_second=flops / seconds, flops_per_cpu_second=flops / cpu_seconds,
-              memory=memory, hlo=hlo_op_counts(compiled))
+              memory=memory, hlo=hlo_op_counts(compiled), **reference_times)
 
 
 def compiled_flops(fn: Callable, *args) -> float:
   """FLOPs of `fn(*args)` compiled standalone (not run)."""
-  return workload.xla_flops(jax.jit(fn).lower(*args).compile())
+  return workload.xla_flops(jax.jit(fn, compiler_options=xla_cpu.compiler_options()).lower(*args).compile())
 
 
 def matmul_reference(size: int, warmup: int, repeats: int) -> dict[str, float]:
@@ -168,8 +189,26 @@ def floor_flops(config, teacher_model, student_model, batch) -> dict[str, float]
               student_forward_labeled=student_fwd, total=teacher_fb + student_fb + 2 * student_fwd)
 
 
-def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats: int) -> dict[str, Any]:
-  """Compiles and times the teacher's and the student's supervised steps and `mpl_step` in each mode."""
+def torch_reference_step(config, batch) -> tuple[Callable[[], Any] | None, dict[str, Any]]:
+  """The PyTorch hard_taylor step (`torch_reference`) on the same batch, on the device matching JAX's backend,
+  with as many threads as XLA:CPU uses; (None, why) where torch is absent or the models are not WideResNets."""
+  if not torch_reference.available():
+    return None, dict(skipped='torch is not installed (pip install .[bench])')
+  student_name = workload.student_model_config(config).name
+  if not (config.model.name.startswith('wrn') and student_name == config.model.name):
+    return None, dict(skipped=f'the reference has WideResNet pairs only, not {config.model.name}/{student_name}')
+  device = torch_reference.device_for(jax.default_backend())
+  torch_reference.set_threads(len(os.sched_getaffinity(0)))
+  step = torch_reference.MplStep(config, jax.device_get(batch), device)
+  counter = itertools.count()
+  return (lambda: torch_reference.run_to_completion(step, next(counter))), dict(device=device,
+                                                                               **torch_reference.describe())
+
+
+def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats: int,
+                  torch_reference_on: bool = True) -> dict[str, Any]:
+  """Compiles and times the teacher's and the student's supervised steps and `mpl_step` in each mode; the
+  hard_taylor step alternately with the PyTorch reference when `torch_reference_on` and torch is installed."""
   teacher_model, student_model = workload.model_pair(config)
   batch = workload.synthetic_batch(config)
   shape = workload.input_shape(config)
@@ -196,14 +235,23 @@ def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats
       functools.partial(mpl.supervised_step, hparams=student_hparams), student_state, student_batch, rng,
       examples=unlabeled, warmup=warmup, repeats=repeats)
 
+  reference, reference_info = (torch_reference_step(config, batch) if torch_reference_on and 'hard_taylor' in
+                               feedback_modes else (None, dict(skipped='not asked for')))
   base_hparams = mpl.MplHparams.from_config(config)
   for mode in feedback_modes:
     hparams = dataclasses.replace(base_hparams, feedback=mode,
                                   pseudo_labels='sampled' if mode != 'exact' else base_hparams.pseudo_labels)
     state = jax.jit(lambda r: train_state.create_mpl_state(r, config, teacher_model, student_model, shape))(rng)
     steps[f'mpl_{mode}'] = measure_step(functools.partial(mpl.mpl_step, hparams=hparams), state, batch, rng,
-                                        examples=labeled + unlabeled, warmup=warmup, repeats=repeats)
-  return dict(steps=steps, floor_flops=floor_flops(config, teacher_model, student_model, batch))
+                                        examples=labeled + unlabeled, warmup=warmup, repeats=repeats,
+                                        reference=reference if mode == 'hard_taylor' else None)
+  if reference:
+    record = steps['mpl_hard_taylor']
+    reference_info.update(seconds=record['reference_seconds'], cpu_seconds=record['reference_cpu_seconds'],
+                          time_ratio=record['step_seconds'] / record['reference_seconds'],
+                          cpu_time_ratio=record['step_cpu_seconds'] / record['reference_cpu_seconds'])
+  return dict(steps=steps, floor_flops=floor_flops(config, teacher_model, student_model, batch),
+              torch_reference=reference_info)
 
 
 def _synthetic_image_config(config, directory: str):
@@ -286,11 +334,13 @@ def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul: dict[str, An
 def device_description() -> dict[str, Any]:
   device = jax.devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind, num_devices=jax.device_count(),
-              host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
+              host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
+              compiler_options=xla_cpu.compiler_options(device.platform))
 
 
 def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int = 1, repeats: int = 3,
-        matmul_size: int = 2048, pipeline_batches: int = 0, pipeline_data: str = 'synthetic') -> dict[str, Any]:
+        matmul_size: int = 2048, pipeline_batches: int = 0, pipeline_data: str = 'synthetic',
+        torch_reference_on: bool = True) -> dict[str, Any]:
   """The whole benchmark for `config` (attribute access) in this process; returns a JSON-serialisable dict.
 
   The matmul reference is timed before and after the steps and the faster of the two is used, so background
@@ -303,7 +353,8 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   if unknown:
     raise errors.ConfigError(f'feedback_modes: unknown {unknown}; choose from {list(FEEDBACK_MODES)}')
   matmul_before = matmul_reference(matmul_size, warmup, repeats)
-  measured = measure_steps(config, feedback_modes=feedback_modes, warmup=warmup, repeats=repeats)
+  measured = measure_steps(config, feedback_modes=feedback_modes, warmup=warmup, repeats=repeats,
+                           torch_reference_on=torch_reference_on)
   matmul_after = matmul_reference(matmul_size, warmup, repeats)
   matmul = dict(size=matmul_size, flops=matmul_before['flops'],
                 flops_per_second=max(matmul_before['flops_per_second'], matmul_after['flops_per_second']),
@@ -319,7 +370,7 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
                     uda_ratio=config.uda_ratio, input_shape=list(workload.input_shape(config)),
                     num_classes=config.dataset.num_classes, warmup=warmup, repeats=repeats),
       matmul=matmul, steps=steps, floor_flops=floor,
-      mpl=_ratios(steps, floor, matmul))
+      mpl=_ratios(steps, floor, matmul), torch_reference=measured['torch_reference'])
   if pipeline_batches:
     consumed = max(record['examples_per_second'] for name, record in steps.items() if name.startswith('mpl_'))
     result['input_pipeline'] = measure_input_pipeline(config, pipeline_batches, consumed, pipeline_data)
@@ -333,7 +384,8 @@ def format_report(result: dict[str, Any]) -> str:
   device, job, matmul = result['device'], result['workload'], result['matmul']
   lines = [
       f"device: {device['device_kind']} ({device['platform']}), {device['num_devices']} device(s), "
-      f"{device['host_cpu_count']} host CPUs, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}",
+      f"{device['host_cpu_count']} host CPUs, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}, "
+      f"compiler options {device['compiler_options']}",
       f"workload: teacher {job['teacher']}, student {job['student']}, {job['dtype']}, "
       f"B={job['batch_size']}, mu={job['uda_ratio']}, input {'x'.join(map(str, job['input_shape']))}"
       f", median of {job['repeats']} steps after {job['warmup']} warm-up",
@@ -369,6 +421,20 @@ def format_report(result: dict[str, Any]) -> str:
         f"{ratios['time_over_supervised']:>9.2f} | {ratios['cpu_time_over_supervised']:<5.2f}"
         f"{ratios.get('time_over_hard_taylor', nan):>7.2f} | {ratios.get('cpu_time_over_hard_taylor', nan):<5.2f}"
         f"{ratios['flops_per_second_over_matmul']:>10.2f} | {ratios['flops_per_cpu_second_over_matmul']:<5.2f}")
+  reference = result.get('torch_reference', {})
+  lines.append('')
+  if 'skipped' in reference:
+    lines.append(f"PyTorch reference: skipped ({reference['skipped']})")
+  else:
+    lines += [
+        f"PyTorch reference (torch {reference['torch_version']}, {reference['torch_threads']} threads, "
+        f"{reference['device']}), hard_taylor step timed alternately with the project's:",
+        f"{'':<20}{'step s wall':>12}{'step s CPU':>12}",
+        f"{'project':<20}{result['steps']['mpl_hard_taylor']['step_seconds']:>12.4g}"
+        f"{result['steps']['mpl_hard_taylor']['step_cpu_seconds']:>12.4g}",
+        f"{'PyTorch':<20}{reference['seconds']:>12.4g}{reference['cpu_seconds']:>12.4g}",
+        f"{'project / PyTorch':<20}{reference['time_ratio']:>12.2f}{reference['cpu_time_ratio']:>12.2f}",
+    ]
   pipeline = result.get('input_pipeline')
   if pipeline:
     lines.append('')
@@ -397,6 +463,8 @@ def _main():
   repeats_flag = flags.DEFINE_integer('repeats', 3, 'Timed steps per measurement; the median is reported.')
   matmul_flag = flags.DEFINE_integer('matmul_size', 2048, 'Side of the square float32 matmul reference.')
   pipeline_flag = flags.DEFINE_integer('pipeline_batches', 20, 'Batches drawn from the input pipeline; 0 skips.')
+  torch_flag = flags.DEFINE_bool('torch_reference', True, 'Time the PyTorch reference of the hard_taylor step '
+                                 'alternately with it (when torch is installed).')
   pipeline_data_flag = flags.DEFINE_enum('pipeline_data', 'synthetic', PIPELINE_DATA,
                                          "The input pipeline's data: random images of the config's shapes, or "
                                          "the config's own data set.")
@@ -412,7 +480,8 @@ def _main():
     try:
       result = run(config_flag.value, feedback_modes=modes_flag.value, warmup=warmup_flag.value,
                    repeats=repeats_flag.value, matmul_size=matmul_flag.value,
-                   pipeline_batches=pipeline_flag.value, pipeline_data=pipeline_data_flag.value)
+                   pipeline_batches=pipeline_flag.value, pipeline_data=pipeline_data_flag.value,
+                   torch_reference_on=torch_flag.value)
     except errors.MplError as error:
       sys.exit(f'error: {error}')
     print(json.dumps(result, indent=1) if json_flag.value else format_report(result))

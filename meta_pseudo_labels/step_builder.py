@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels import sharding
+from meta_pseudo_labels import xla_cpu
 
 ON_NONFINITE = ('stop', 'skip')        # config.on_nonfinite: what the guard does with a non-finite step
 UPDATED_STATE_TERM = 'updated state'   # the guard's name for "the step's new parameters/statistics"
@@ -101,7 +102,7 @@ class TrainStep:
 def build_train_step(step_fn, state, state_shardings, batch, mesh, *, skip_nonfinite) -> TrainStep:
   """`guarded_step(step_fn)` jitted with the state sharded by `state_shardings`, the global `batch` by
   `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the accumulator and the rng replicated,
-  and the state and accumulator donated.
+  the state and accumulator donated, and on a CPU mesh XLA's own convolution kernels (`xla_cpu`).
 
   `state` and `batch` may be abstract (`jax.eval_shape`, `jax.ShapeDtypeStruct`) or concrete: only their shapes
   and dtypes are read, to find the step's metrics.
@@ -115,7 +116,7 @@ def build_train_step(step_fn, state, state_shardings, batch, mesh, *, skip_nonfi
   step = jax.jit(functools.partial(guarded_step, step_fn, skip_nonfinite),
                  in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
                  out_shardings=(state_shardings, accumulator_shardings),
-                 donate_argnums=(0, 1))
+                 donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options_for_mesh(mesh))
   new_accumulator = jax.jit(functools.partial(empty_accumulator, metric_names), out_shardings=accumulator_shardings)
   return TrainStep(step=step, new_accumulator=new_accumulator, metric_names=metric_names,
                    state_shardings=state_shardings, accumulator_shardings=accumulator_shardings,
