@@ -1,7 +1,8 @@
 """Evaluation: top-1 / top-5 accuracy and cross-entropy of several models over one split, reading the data once.
 
-`mpl.eval_step` returns per-batch sums over the unmasked examples (the last batch is padded, padding has mask 0);
-they are added up on the devices and fetched once per split, so an evaluation costs one host round trip.
+`eval_step` returns per-batch sums over the unmasked examples (the last batch is padded, padding has mask 0);
+`Evaluator` adds them up on the devices and fetches them once per split, so an evaluation costs one host round
+trip. The TwoMoon experiment calls `eval_step` on its whole point set directly.
 """
 
 import functools
@@ -9,8 +10,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from meta_pseudo_labels import mpl
+from meta_pseudo_labels import losses
 from meta_pseudo_labels import sharding
+
+
+def eval_step(apply_fn, variables, batch):
+  """Sums over the unmasked examples of one eval batch: top-1 / top-min(5, C) correct, CE loss, count."""
+  logits = apply_fn(variables, batch['image'], train=False)
+  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+  return {
+      'top1_correct': jnp.sum(mask * losses.top_k_correct(logits, labels, 1)),
+      'top5_correct': jnp.sum(mask * losses.top_k_correct(logits, labels, 5)),
+      'loss_sum': jnp.sum(mask * losses.softmax_cross_entropy(logits, labels).astype(jnp.float32)),
+      'count': jnp.sum(mask),
+  }
 
 
 class Evaluator:
@@ -23,7 +36,7 @@ class Evaluator:
 
   def _step(self, apply_fn):
     if apply_fn not in self._steps:
-      self._steps[apply_fn] = jax.jit(functools.partial(mpl.eval_step, apply_fn))
+      self._steps[apply_fn] = jax.jit(functools.partial(eval_step, apply_fn))
     return self._steps[apply_fn]
 
   def evaluate(self, split, named_models):
