@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.mpl.feedback = 'hard_taylor'        # paper: hard pseudo labels, first-order h (Sec. 2, App. A)
   config.mpl.h_sign = 1.0                    # MPL_SPEC.md: h = CE_old - CE_new (the release flips it)
   config.mpl.baseline_rate = 0.0             # ours: no moving-average baseline
-  config.mpl.pseudo_labels = 'hard'          # paper
+  config.mpl.pseudo_labels = 'sampled'       # paper: drawn from the teacher (Sec. 2)
   config.label_smoothing = 0.15              # paper
   config.uda.weight = 8.0                    # paper: lambda_u = 8
   config.uda.temperature = 0.7               # paper: tau = 0.7

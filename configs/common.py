@@ -75,7 +75,7 @@ def get_base_config():
       feedback='hard_taylor',   # 'exact' | 'hard_dot' | 'hard_taylor' | 'none' (UDA teacher + distillation)
       h_sign=1.0,               # +1: h = CE_old - CE_new (correct); -1: the flipped sign of released code
       baseline_rate=0.0,        # alpha of the moving-average baseline b <- b + alpha (h - b); 0 disables
-      pseudo_labels='hard',     # 'hard' | 'soft' (the student's targets; 'exact' always uses soft)
+      pseudo_labels='sampled',  # 'sampled' (paper) | 'argmax' (released code) | 'soft'; 'exact' always uses soft
   ))
   config.label_smoothing = 0.15
   config.uda = ml_collections.ConfigDict(dict(

@@ -47,7 +47,7 @@ def get_config(arg=None):
   config.mpl.feedback = 'hard_taylor'        # paper: hard pseudo labels, first-order h
   config.mpl.h_sign = 1.0                    # MPL_SPEC.md
   config.mpl.baseline_rate = 0.0             # ours
-  config.mpl.pseudo_labels = 'hard'          # paper
+  config.mpl.pseudo_labels = 'sampled'       # paper: drawn from the teacher (Sec. 2)
   config.label_smoothing = 0.1               # paper
   config.uda.weight = 20.0                   # paper: lambda_u = 20
   config.uda.temperature = 0.5               # paper: tau = 0.5

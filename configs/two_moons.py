@@ -40,7 +40,7 @@ def get_config():
   config.mpl.feedback = 'hard_taylor'      # paper: hard pseudo labels, first-order h (Sec. 2, App. A)
   config.mpl.h_sign = 1.0                  # h = CE_old - CE_new (MPL_SPEC.md)
   config.mpl.baseline_rate = 0.0           # ours: no moving-average baseline
-  config.mpl.pseudo_labels = 'hard'
+  config.mpl.pseudo_labels = 'sampled'     # paper: drawn from the teacher (Sec. 2)
   config.label_smoothing = 0.0             # ours: the paper smooths only its image experiments
   config.uda.weight = 0.0                  # ours: no UDA; Sec. 3.1 describes MPL alone, and points have no
   config.uda.ramp_steps = 1                #   augmentations to be consistent under

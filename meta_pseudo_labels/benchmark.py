@@ -151,11 +151,15 @@ def floor_flops(config, teacher_model, student_model, batch) -> dict[str, float]
   y_teacher = jnp.zeros((x_teacher.shape[0],), jnp.int32)
   y_strong = jnp.zeros((x_s.shape[0],), jnp.int32)
 
+  def network(apply_fn, variables):
+    return train_state.NetworkState(params=variables['params'], batch_stats=variables['batch_stats'],
+                                    opt_state=None, apply_fn=apply_fn, tx=None, learning_rate_fn=None)
+
   def fwd_bwd(apply_fn, variables, x, y):
-    return mpl.student_gradient(apply_fn, variables['params'], variables['batch_stats'], x, y, 0.0, rng).grads
+    return mpl.student_gradient(network(apply_fn, variables), x, y, 0.0, rng).grads
 
   def forward(apply_fn, variables, x, y):
-    return mpl.labeled_loss(apply_fn, variables['params'], variables['batch_stats'], x, y, rng)
+    return mpl.labeled_loss(network(apply_fn, variables), variables['params'], x, y, rng)
 
   teacher_fb = compiled_flops(functools.partial(fwd_bwd, teacher_model.apply), teacher_vars, x_teacher, y_teacher)
   student_fb = compiled_flops(functools.partial(fwd_bwd, student_model.apply), student_vars, x_s, y_strong)
@@ -195,7 +199,7 @@ def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats
   base_hparams = mpl.MplHparams.from_config(config)
   for mode in feedback_modes:
     hparams = dataclasses.replace(base_hparams, feedback=mode,
-                                  pseudo_labels='hard' if mode != 'exact' else base_hparams.pseudo_labels)
+                                  pseudo_labels='sampled' if mode != 'exact' else base_hparams.pseudo_labels)
     state = jax.jit(lambda r: train_state.create_mpl_state(r, config, teacher_model, student_model, shape))(rng)
     steps[f'mpl_{mode}'] = measure_step(functools.partial(mpl.mpl_step, hparams=hparams), state, batch, rng,
                                         examples=labeled + unlabeled, warmup=warmup, repeats=repeats)

@@ -75,6 +75,24 @@ def _optimizer(config, name):
   _integer(config, f'{name}.wait_steps', 0)
 
 
+def _integer_up_to(config, field, maximum, why):
+  value = _get(config, field)
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value <= maximum:
+    raise errors.ConfigError(f'{field}: must be an integer in [0, {maximum}] ({why}), got {value!r}')
+  return int(value)
+
+
+def _augmentation(config, image_size):
+  """The strong view's ranges (augment.py), which it would otherwise take silently: a negative RandAugment magnitude
+  gives negative enhancement factors and a solarize threshold below 0 (every pixel inverted), not a milder policy;
+  a Cutout square larger than the image greys out most of every x_s (all of it from twice the image size); the
+  pad-and-crop's reflect padding needs pad < image size."""
+  _integer(config, 'dataset.randaugment_num_ops', 0)
+  _number(config, 'dataset.randaugment_magnitude', 0.0, float('inf'), high_open=True)
+  _integer_up_to(config, 'dataset.cutout_size', image_size, 'dataset.image_size')
+  _integer_up_to(config, 'dataset.pad_crop', image_size - 1, 'below dataset.image_size')
+
+
 def _model(config, field):
   name = _get(config, field)
   if name not in models.MODELS:
@@ -96,7 +114,7 @@ def validate(config, num_devices):
   _choice(config, 'dataset.augment', dataset_choices.AUGMENTATIONS)
   num_classes = _integer(config, 'dataset.num_classes', 2)
   if config.dataset.source != 'two_moons':
-    _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE)
+    _augmentation(config, _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE))
   num_labeled = _integer(config, 'dataset.num_labeled', 1)
   if num_labeled < num_classes:
     raise errors.ConfigError(f'dataset.num_labeled: {num_labeled} labeled examples leave some of the {num_classes} '

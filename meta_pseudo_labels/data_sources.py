@@ -89,7 +89,11 @@ def check_labels(labels, dataset_config, split):
   if not len(labels):
     raise DataError(f'dataset: the {split} split of {_describe(dataset_config)} has no examples')
   lo, hi = int(labels.min()), int(labels.max())
-  if lo < 0 or hi >= dataset_config.num_classes:
+  if lo < 0:   # no num_classes fixes this: the data is wrong (an unlabeled marker, a shifted encoding)
+    raise DataError(f'{_describe(dataset_config)}: the {split} labels include {lo}, which is not a class index; '
+                    f'labels must be class indices 0..{dataset_config.num_classes - 1} (dataset.num_classes='
+                    f'{dataset_config.num_classes}): fix the labels in the data')
+  if hi >= dataset_config.num_classes:
     raise ConfigError(f'dataset.num_classes={dataset_config.num_classes} but the {split} labels of '
                       f'{_describe(dataset_config)} range over [{lo}, {hi}]; set dataset.num_classes={hi + 1}')
 
@@ -236,9 +240,20 @@ def _npz_arrays(path, stored_size):
 
 
 def _npz_inputs(path, split, x, stored_size):
-  """uint8 NHWC images (resized to stored_size) or float [N, D] vectors (kept as float32)."""
+  """uint8 NHWC images (resized to stored_size) or finite float [N, D] vectors (kept as float32).
+
+  A NaN or inf input would only surface as a non-finite loss after compiling (or be skipped with on_nonfinite='skip'
+  and train on without a word), so it is refused here, naming the file, the array and the first row.
+  """
   if x.ndim == 2 and np.issubdtype(x.dtype, np.floating):
-    return x.astype(np.float32)
+    x = x.astype(np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+      bad_rows = np.flatnonzero(~finite.all(axis=1))
+      count = int((~finite).sum())
+      raise DataError(f'{path}: x_{split} has {count} non-finite value{"s" if count > 1 else ""} (NaN or inf), the '
+                      f'first in row {bad_rows[0]}; remove or replace those rows')
+    return x
   if x.ndim == 4 and x.dtype == np.uint8 and x.shape[-1] in (1, 3):
     if x.shape[1:3] == (stored_size, stored_size):
       return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x

@@ -8,11 +8,25 @@ import jax
 import jax.numpy as jnp
 
 
-def _as_distribution(targets, num_classes, dtype):
-  """Integer labels [N] become one-hot rows; probability rows [N, C] pass through."""
+def _check_labels(logits, labels):
+  """Integer labels must have the shape of the logits without the class axis: labels [N, 1] against logits [N, C]
+  would broadcast into an [N, N] loss without a word (shapes are static: this runs once, at trace time)."""
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f'labels must be integer class indices, got dtype {labels.dtype} (shape {labels.shape})')
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(f'labels of shape {labels.shape} do not match logits of shape {logits.shape}: integer labels '
+                     f'need shape {logits.shape[:-1]}')
+
+
+def _as_distribution(targets, logits):
+  """Integer labels [N] become one-hot rows; probability rows [N, C] pass through (shapes checked)."""
   if jnp.issubdtype(targets.dtype, jnp.integer):
-    return jax.nn.one_hot(targets, num_classes, dtype=dtype)
-  return targets.astype(dtype)
+    _check_labels(logits, targets)
+    return jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  if targets.shape != logits.shape:
+    raise ValueError(f'targets of shape {targets.shape} do not match logits of shape {logits.shape}: probability '
+                     f'targets need the shape of the logits, integer labels shape {logits.shape[:-1]}')
+  return targets.astype(logits.dtype)
 
 
 def softmax_cross_entropy(logits, targets, label_smoothing=0.0):
@@ -22,7 +36,7 @@ def softmax_cross_entropy(logits, targets, label_smoothing=0.0):
   CE_eps, App. C); it is linear in the target, so soft targets stay differentiable through it.
   """
   num_classes = logits.shape[-1]
-  distribution = _as_distribution(targets, num_classes, logits.dtype)
+  distribution = _as_distribution(targets, logits)
   if label_smoothing:
     distribution = (1.0 - label_smoothing) * distribution + label_smoothing / num_classes
   return -jnp.sum(distribution * jax.nn.log_softmax(logits, axis=-1), axis=-1)
@@ -32,6 +46,9 @@ def cross_entropy(logits, targets, label_smoothing=0.0, weights=None):
   """Mean over the batch of `softmax_cross_entropy`; `weights` [N] multiply each example (mean over all N)."""
   per_example = softmax_cross_entropy(logits, targets, label_smoothing)
   if weights is not None:
+    if weights.shape != per_example.shape:
+      raise ValueError(f'weights of shape {weights.shape} do not match the {per_example.shape[0]} examples: need '
+                       f'shape {per_example.shape}')
     per_example = per_example * weights
   return jnp.mean(per_example)
 
@@ -67,7 +84,8 @@ def mpl_feedback_loss(teacher_logits_strong, pseudo_labels, advantage):
 
 
 def top_k_correct(logits, labels, k):
-  """Per-example 1.0 where `labels` is among the top-min(k, C) logits, else 0.0 (float32 [N])."""
+  """Per-example 1.0 where `labels` [N] is among the top-min(k, C) logits [N, C], else 0.0 (float32 [N])."""
+  _check_labels(logits, labels)
   k = min(k, logits.shape[-1])
   _, top_indices = jax.lax.top_k(logits, k)
   return jnp.any(top_indices == labels[:, None], axis=-1).astype(jnp.float32)

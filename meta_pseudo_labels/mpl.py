@@ -2,22 +2,35 @@
 
 Every step is `(state, batch, rng, *, hparams) -> (state, metrics)`: no Python side effects, jittable with
 `donate_argnums=0` (hparams are frozen dataclasses, hence hashable and static under jit). The rng of step t is
-`fold_in(rng, t)`, so a resumed run draws the same dropout masks as an uninterrupted one.
+`fold_in(rng, t)`, so a resumed run draws the same dropout masks and pseudo labels as an uninterrupted one.
 
-The MPL step (see MPL_SPEC.md) costs, in `hard_taylor` mode, exactly: one teacher forward + backward on
-[x_l; x_w; x_s], one student forward + backward on x_s and two student forwards on x_l. The teacher's forward is
-taken with `jax.vjp` before the feedback h is known, and its single backward pass runs once h is.
-
-Feedback modes:
+`mpl_step` is MPL_SPEC.md's "One MPL step": (1) one teacher forward on [x_l; x_w; x_s], (2) the teacher's own
+loss, (3) pseudo labels, (4) the student's update on them, (5) the teacher's feedback and its single backward
+pass, (6) the student's EMA. Steps 3-5 depend on the feedback mode, one function per mode (`FEEDBACK`), each
+returning the same `Feedback`:
   exact        L_mpl(theta_T) = CE(y_l, S(x_l; theta_S - eta_S grad_S CE_eps(softmax(T(x_s)), S(x_s)))),
-               differentiated straight through the student's SGD step (second order).
+               differentiated straight through the student's SGD step (second order; soft pseudo labels).
   hard_dot     h = <grad CE(y_l, S(x_l; theta_S')), theta_S - theta_S'>,  L_mpl = sg(h - b) CE(y_hat, T(x_s)).
   hard_taylor  h = CE(y_l, S(x_l; theta_S)) - CE(y_l, S(x_l; theta_S')),  same L_mpl.
   none         L_mpl = 0: a UDA teacher distilled into the student.
+
+Pseudo labels (`pseudo_labels`, the student's targets in every mode but exact):
+  sampled      y_hat ~ Categorical(softmax(T(x_s))): the paper's (Sec. 2, "Practical approximation"). Then
+               h * grad CE(y_hat, T(x_s)) is a score-function estimate of grad_T E_y_hat[CE_l(theta_S'(y_hat))]
+               (App. A), unbiased for hard_taylor up to the 1/|x_s| of the batch-mean CE.
+  argmax       y_hat = argmax T(x_s): the released code's; the feedback then only sharpens or flattens the
+               teacher's current choice (an ablation, not the paper's method).
+  soft         softmax(T(x_s)), with `none` feedback (a soft-label distillation control).
+
+Cost, in `hard_taylor` mode, exactly: one teacher forward + backward on [x_l; x_w; x_s], one student forward +
+backward on x_s and two student forwards on x_l. The teacher's forward is taken with `jax.vjp` before the feedback
+is known; the gradients of its own loss and of L_mpl w.r.t. its logits are added, and its one backward pass runs
+on that sum.
 """
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +40,19 @@ from meta_pseudo_labels import errors
 from meta_pseudo_labels import losses
 
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
-PSEUDO_LABELS = ('hard', 'soft')
+PSEUDO_LABELS = ('sampled', 'argmax', 'soft')
+HARD_PSEUDO_LABELS = ('sampled', 'argmax')
+RENAMED_PSEUDO_LABELS = {'hard': 'argmax'}   # old value -> its name now (refused with a one-line error)
+
+
+def check_pseudo_labels(value):
+  """One-line ConfigError for an unknown or renamed `mpl.pseudo_labels` (shared with config_validation)."""
+  if value in RENAMED_PSEUDO_LABELS:
+    raise errors.ConfigError(
+        f"mpl.pseudo_labels: {value!r} was renamed {RENAMED_PSEUDO_LABELS[value]!r} (the released code's argmax "
+        "labels); the paper samples them: set mpl.pseudo_labels='sampled' (default) or 'argmax'")
+  if value not in PSEUDO_LABELS:
+    raise errors.ConfigError(f'mpl.pseudo_labels: unknown {value!r}; choose one of {list(PSEUDO_LABELS)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +79,7 @@ class MplHparams:
   feedback: str = 'hard_taylor'
   h_sign: float = 1.0            # +1: h = CE_old - CE_new (correct, MPL_SPEC.md); -1: released code's flipped sign
   baseline_rate: float = 0.0     # alpha of the moving-average baseline b <- b + alpha (h - b); 0 disables
-  pseudo_labels: str = 'hard'    # the student's targets; 'exact' always uses soft ones
+  pseudo_labels: str = 'sampled' # the student's targets (module docstring); 'exact' always uses soft ones
   label_smoothing: float = 0.0
   uda: UdaHparams = UdaHparams()
   ema_decay: float = 0.0
@@ -71,13 +96,11 @@ class MplHparams:
     if self.feedback not in FEEDBACK_MODES:
       raise errors.ConfigError(f'mpl.feedback: unknown mode {self.feedback!r}; choose one of '
                                f'{list(FEEDBACK_MODES)}')
-    if self.pseudo_labels not in PSEUDO_LABELS:
-      raise errors.ConfigError(f'mpl.pseudo_labels: unknown {self.pseudo_labels!r}; choose one of '
-                               f'{list(PSEUDO_LABELS)}')
-    if self.feedback in ('hard_dot', 'hard_taylor') and self.pseudo_labels != 'hard':
+    check_pseudo_labels(self.pseudo_labels)
+    if self.feedback in ('hard_dot', 'hard_taylor') and self.pseudo_labels not in HARD_PSEUDO_LABELS:
       raise errors.ConfigError(
-          f"mpl.pseudo_labels: feedback {self.feedback!r} needs 'hard' pseudo labels (with soft ones its loss "
-          "CE(sg(softmax(z)), z) has zero gradient); set pseudo_labels='hard' or feedback='exact'")
+          f"mpl.pseudo_labels: feedback {self.feedback!r} needs hard pseudo labels (with soft ones its loss "
+          "CE(sg(softmax(z)), z) has zero gradient); set pseudo_labels='sampled' or feedback='exact'")
     if self.h_sign not in (1.0, -1.0):
       raise errors.ConfigError(f'mpl.h_sign: must be +1 or -1, got {self.h_sign}')
     if not 0.0 <= self.baseline_rate <= 1.0:
@@ -118,12 +141,34 @@ class SupervisedHparams:
       raise errors.ConfigError(f'ema_decay: must be in [0, 1), got {self.ema_decay}')
 
 
-# ---- building blocks ----------------------------------------------------------------------------------------
+# ---- the step's inputs ------------------------------------------------------------------------------------------
 
 
-def step_rngs(rng, step):
-  """(teacher, student, feedback) dropout keys of step `step`: teacher forward, student update, x_l forwards."""
-  return tuple(jax.random.split(jax.random.fold_in(rng, step), 3))
+class StepKeys(NamedTuple):
+  """The random streams of one step, all split from fold_in(rng, step)."""
+  teacher: jax.Array        # dropout of the teacher's forward
+  student: jax.Array        # dropout of the student's update on x_s
+  feedback: jax.Array       # dropout of the student's forwards on x_l (both sides of h: the same mask)
+  pseudo_labels: jax.Array  # the draw y_hat ~ T(x_s)
+
+
+def step_keys(rng, step):
+  return StepKeys(*jax.random.split(jax.random.fold_in(rng, step), len(StepKeys._fields)))
+
+
+class MplBatch(NamedTuple):
+  """A labeled batch (x_l, y_l) and two views of an unlabeled one (x_w weak, x_s strong)."""
+  x_labeled: jax.Array
+  y_labeled: jax.Array
+  x_weak: jax.Array
+  x_strong: jax.Array
+
+  @classmethod
+  def from_dict(cls, batch):
+    return cls(batch['labeled_image'], batch['labeled_label'], batch['unlabeled_weak'], batch['unlabeled_strong'])
+
+
+# ---- building blocks: `network` is a train_state.NetworkState (anything with apply_fn, params, batch_stats) ----
 
 
 def apply_train(apply_fn, params, batch_stats, x, dropout_rng):
@@ -133,68 +178,74 @@ def apply_train(apply_fn, params, batch_stats, x, dropout_rng):
   return logits, updates.get('batch_stats', batch_stats)
 
 
-def labeled_loss(apply_fn, params, batch_stats, x_labeled, y_labeled, dropout_rng):
+def labeled_loss(network, params, x_labeled, y_labeled, dropout_rng):
   """CE(y_l, S(x_l; params)), the student's labeled loss that the feedback h measures.
 
   Train-mode BatchNorm on the x_l batch alone with its statistics update discarded, and a dropout mask fixed by
   `dropout_rng`: both sides of h use this same function with the same key, so h is exactly 0 when the student
   does not move (unlike released code, whose 'old' side normalised over [x_s; x_l], MPL_SPEC.md).
   """
-  logits, _ = apply_train(apply_fn, params, batch_stats, x_labeled, dropout_rng)
+  logits, _ = apply_train(network.apply_fn, params, network.batch_stats, x_labeled, dropout_rng)
   return losses.cross_entropy(logits, y_labeled)
 
 
-def hard_taylor_h(apply_fn, old_params, new_params, batch_stats, x_labeled, y_labeled, dropout_rng):
-  """h = CE_l(old) - CE_l(new) (first-order Taylor form of the MPL feedback, App. A); returns (h, old, new)."""
-  before = labeled_loss(apply_fn, old_params, batch_stats, x_labeled, y_labeled, dropout_rng)
-  after = labeled_loss(apply_fn, new_params, batch_stats, x_labeled, y_labeled, dropout_rng)
-  return before - after, before, after
+def hard_taylor_h(network, new_params, x_labeled, y_labeled, dropout_rng):
+  """h = CE_l(old) - CE_l(new) (first-order Taylor form of the MPL feedback, App. A); returns (h, metrics)."""
+  before = labeled_loss(network, network.params, x_labeled, y_labeled, dropout_rng)
+  after = labeled_loss(network, new_params, x_labeled, y_labeled, dropout_rng)
+  return before - after, {'student/labeled_loss_before': before, 'student/labeled_loss_after': after}
 
 
-def hard_dot_h(apply_fn, old_params, new_params, batch_stats, x_labeled, y_labeled, dropout_rng):
-  """h = <grad CE_l(theta_S'), theta_S - theta_S'>; returns (h, CE_l(theta_S')).
+def hard_dot_h(network, new_params, x_labeled, y_labeled, dropout_rng):
+  """h = <grad CE_l(theta_S'), theta_S - theta_S'>; returns (h, metrics).
 
   For plain SGD theta_S - theta_S' = eta_S * g_u and this is the paper's eta_S <g_l(theta_S'), g_u> (App. A);
   with momentum, weight decay or clipping it is the same first-order estimate of CE_l(old) - CE_l(new) along the
   update the student really took.
   """
-  after, grads = jax.value_and_grad(labeled_loss, argnums=1)(apply_fn, new_params, batch_stats, x_labeled,
-                                                             y_labeled, dropout_rng)
-  step = jax.tree.map(jnp.subtract, old_params, new_params)
+  after, grads = jax.value_and_grad(functools.partial(labeled_loss, network))(new_params, x_labeled, y_labeled,
+                                                                              dropout_rng)
+  step = jax.tree.map(jnp.subtract, network.params, new_params)
   h = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(step)))
-  return h, after
+  return h, {'student/labeled_loss_after': after}
 
 
 class StudentGradient(NamedTuple):
   loss: jax.Array
-  grads: dict
-  batch_stats: dict
+  grads: Any
+  batch_stats: Any
 
 
-def student_gradient(apply_fn, params, batch_stats, x_strong, targets, label_smoothing, dropout_rng):
+def student_gradient(network, x_strong, targets, label_smoothing, dropout_rng):
   """Value and gradient of the student's loss CE_eps(targets, S(x_s)) (one forward + backward, train mode)."""
-  def loss_fn(p):
-    logits, new_batch_stats = apply_train(apply_fn, p, batch_stats, x_strong, dropout_rng)
+  def loss_fn(params):
+    logits, new_batch_stats = apply_train(network.apply_fn, params, network.batch_stats, x_strong, dropout_rng)
     return losses.cross_entropy(logits, targets, label_smoothing), new_batch_stats
-  (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(network.params)
   return StudentGradient(loss, grads, new_batch_stats)
 
 
-def exact_mpl_loss(apply_fn, params, batch_stats, teacher_logits_strong, x_strong, x_labeled, y_labeled,
-                   learning_rate, label_smoothing, student_rng, feedback_rng):
+def exact_mpl_loss(student, teacher_logits_strong, batch, learning_rate, label_smoothing, keys):
   """L_mpl as a function of the teacher's logits on x_s, differentiable to second order (MPL_SPEC 'exact').
 
   theta_S'(z) = theta_S - eta_S * grad CE_eps(softmax(z), S(x_s; theta_S)); L_mpl = CE(y_l, S(x_l; theta_S')).
   The lookahead is plain SGD at the current eta_S. Returns (L_mpl, StudentGradient): the inner gradient is
   exactly the gradient of the student's real update, returned stopped so the step does not recompute it.
   """
-  def inner(z):
-    return student_gradient(apply_fn, params, batch_stats, x_strong, jax.nn.softmax(z, axis=-1),
-                            label_smoothing, student_rng)
-  student = inner(teacher_logits_strong)
-  lookahead = jax.tree.map(lambda p, g: p - learning_rate * g, params, student.grads)
-  loss = labeled_loss(apply_fn, lookahead, batch_stats, x_labeled, y_labeled, feedback_rng)
-  return loss, jax.tree.map(jax.lax.stop_gradient, student)
+  inner = student_gradient(student, batch.x_strong, jax.nn.softmax(teacher_logits_strong, axis=-1),
+                           label_smoothing, keys.student)
+  lookahead = jax.tree.map(lambda p, g: p - learning_rate * g, student.params, inner.grads)
+  loss = labeled_loss(student, lookahead, batch.x_labeled, batch.y_labeled, keys.feedback)
+  return loss, jax.tree.map(jax.lax.stop_gradient, inner)
+
+
+def draw_pseudo_labels(logits_strong, kind, rng):
+  """The student's targets on x_s from the teacher's (stopped) logits: see the module docstring."""
+  if kind == 'sampled':
+    return jax.random.categorical(rng, logits_strong, axis=-1)
+  if kind == 'argmax':
+    return jnp.argmax(logits_strong, axis=-1)
+  return jax.nn.softmax(logits_strong, axis=-1)
 
 
 def teacher_own_loss(logits_labeled, y_labeled, logits_weak, logits_strong, step, label_smoothing, uda):
@@ -229,98 +280,118 @@ def _offsets(sizes):
   return offsets
 
 
+# ---- the feedback modes: steps 3-5 of an MPL step -----------------------------------------------------------------
+
+
+class FeedbackInputs(NamedTuple):
+  """What a feedback mode sees: the student before its update and the teacher's logits on x_s."""
+  student: Any                  # train_state.NetworkState
+  teacher_logits_strong: jax.Array
+  batch: MplBatch
+  keys: StepKeys
+  step: jax.Array
+  baseline: jax.Array           # moving average of h over the previous steps
+  hparams: MplHparams
+
+
+class Feedback(NamedTuple):
+  """What every feedback mode returns."""
+  new_student: Any              # the student after its real update on the pseudo labels
+  student_gradient: StudentGradient
+  loss_mpl: jax.Array
+  logits_grad: jax.Array        # d L_mpl / d T(x_s): the feedback's share of the teacher's backward pass
+  baseline: jax.Array
+  metrics: dict
+
+
+def exact_feedback(inputs: FeedbackInputs) -> Feedback:
+  """Soft pseudo labels; L_mpl through the student's lookahead step, whose inner gradient is also the gradient of
+  the student's real update (one student backward serves both)."""
+  student, hparams = inputs.student, inputs.hparams
+  eta = student.learning_rate_fn(inputs.step)
+  (loss_mpl, student_grad), logits_grad = jax.value_and_grad(exact_mpl_loss, argnums=1, has_aux=True)(
+      student, inputs.teacher_logits_strong, inputs.batch, eta, hparams.label_smoothing, inputs.keys)
+  new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats, inputs.step)
+  return Feedback(new_student, student_grad, loss_mpl, logits_grad, inputs.baseline,
+                  {'student/labeled_loss_after': loss_mpl})
+
+
+def pseudo_label_feedback(inputs: FeedbackInputs, *, h_fn=None) -> Feedback:
+  """Pseudo labels, the student's step on them, then h = `h_fn` (None: no feedback) and L_mpl = sg(h - b) CE(y_hat,
+  T(x_s)) (Sec. 2, App. A). The advantage uses the baseline of the previous steps, independent of this y_hat."""
+  student, batch, keys, hparams = inputs.student, inputs.batch, inputs.keys, inputs.hparams
+  logits_strong = jax.lax.stop_gradient(inputs.teacher_logits_strong)
+  pseudo_labels = draw_pseudo_labels(logits_strong, hparams.pseudo_labels, keys.pseudo_labels)
+  student_grad = student_gradient(student, batch.x_strong, pseudo_labels, hparams.label_smoothing, keys.student)
+  new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats, inputs.step)
+  if h_fn is None:
+    zero = jnp.zeros((), jnp.float32)
+    return Feedback(new_student, student_grad, zero, jnp.zeros_like(logits_strong), inputs.baseline, {})
+  h, metrics = h_fn(student, new_student.params, batch.x_labeled, batch.y_labeled, keys.feedback)
+  advantage = hparams.h_sign * (h - inputs.baseline)
+  baseline = inputs.baseline + hparams.baseline_rate * (h - inputs.baseline)
+  loss_mpl, logits_grad = jax.value_and_grad(losses.mpl_feedback_loss)(inputs.teacher_logits_strong,
+                                                                       pseudo_labels, advantage)
+  return Feedback(new_student, student_grad, loss_mpl, logits_grad, baseline, {'mpl/h': h, **metrics})
+
+
+FEEDBACK = {
+    'exact': exact_feedback,
+    'hard_dot': functools.partial(pseudo_label_feedback, h_fn=hard_dot_h),
+    'hard_taylor': functools.partial(pseudo_label_feedback, h_fn=hard_taylor_h),
+    'none': pseudo_label_feedback,
+}
+
+
 # ---- steps --------------------------------------------------------------------------------------------------
 
 
 def mpl_step(state, batch, rng, *, hparams: MplHparams):
   """One MPL step: teacher and student update each other once (MPL_SPEC.md 'One MPL step')."""
   teacher, student, step = state.teacher, state.student, state.step
-  teacher_rng, student_rng, feedback_rng = step_rngs(rng, step)
-  x_labeled, y_labeled = batch['labeled_image'], batch['labeled_label']
-  x_weak, x_strong = batch['unlabeled_weak'], batch['unlabeled_strong']
-  sizes = (x_labeled.shape[0], x_weak.shape[0], x_strong.shape[0])
+  keys = step_keys(rng, step)
+  batch = MplBatch.from_dict(batch)
+  sizes = (batch.x_labeled.shape[0], batch.x_weak.shape[0], batch.x_strong.shape[0])
 
-  # 1. One teacher forward; its backward waits for the feedback below.
+  # 1. One teacher forward on [x_l; x_w; x_s]; its backward waits for the feedback.
   def teacher_forward(params):
     return apply_train(teacher.apply_fn, params, teacher.batch_stats,
-                       jnp.concatenate([x_labeled, x_weak, x_strong]), teacher_rng)
+                       jnp.concatenate([batch.x_labeled, batch.x_weak, batch.x_strong]), keys.teacher)
   teacher_logits, teacher_vjp, teacher_batch_stats = jax.vjp(teacher_forward, teacher.params, has_aux=True)
 
-  def own_loss(logits):
-    logits_labeled, logits_weak, logits_strong = jnp.split(logits, _offsets(sizes))
-    loss, own_metrics = teacher_own_loss(logits_labeled, y_labeled, logits_weak, logits_strong, step,
-                                         hparams.label_smoothing, hparams.uda)
-    return loss, own_metrics, logits_strong
+  # 2. The teacher's own loss L_sup + w(t) L_uda, and its gradient w.r.t. the logits.
+  def own_loss_fn(logits):
+    labeled, weak, strong = jnp.split(logits, _offsets(sizes))
+    return teacher_own_loss(labeled, batch.y_labeled, weak, strong, step, hparams.label_smoothing, hparams.uda)
+  (own_loss, own_metrics), own_logits_grad = jax.value_and_grad(own_loss_fn, has_aux=True)(teacher_logits)
 
-  eta = student.learning_rate_fn(step)
-  metrics = {}
-  baseline = state.mpl_baseline
-  if hparams.feedback == 'exact':
-    # 2-4. Soft pseudo labels; L_mpl through the student's lookahead step, whose inner gradient is also the
-    # gradient of the student's real update.
-    def teacher_loss(logits):
-      loss, own_metrics, logits_strong = own_loss(logits)
-      loss_mpl, student_grad = exact_mpl_loss(student.apply_fn, student.params, student.batch_stats,
-                                              logits_strong, x_strong, x_labeled, y_labeled, eta,
-                                              hparams.label_smoothing, student_rng, feedback_rng)
-      return loss + loss_mpl, (own_metrics, loss_mpl, student_grad)
-    (teacher_total, (own_metrics, loss_mpl, student_grad)), logits_grad = jax.value_and_grad(
-        teacher_loss, has_aux=True)(teacher_logits)
-    new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats)
-    metrics['student/labeled_loss_after'] = loss_mpl
-  else:
-    # 2. Pseudo labels on x_s, stopped for the student's own update.
-    logits_strong = jax.lax.stop_gradient(jnp.split(teacher_logits, _offsets(sizes))[2])
-    if hparams.pseudo_labels == 'hard':
-      pseudo_labels = jnp.argmax(logits_strong, axis=-1)
-    else:
-      pseudo_labels = jax.nn.softmax(logits_strong, axis=-1)
-    # 3. The student learns the pseudo labels.
-    student_grad = student_gradient(student.apply_fn, student.params, student.batch_stats, x_strong,
-                                    pseudo_labels, hparams.label_smoothing, student_rng)
-    new_student = student.apply_gradients(student_grad.grads, student_grad.batch_stats)
-    # 4. The student's feedback h on the labeled batch.
-    feedback_args = (student.apply_fn, student.params, new_student.params, student.batch_stats, x_labeled,
-                     y_labeled, feedback_rng)
-    if hparams.feedback == 'hard_taylor':
-      h, before, after = hard_taylor_h(*feedback_args)
-      metrics['student/labeled_loss_before'] = before
-    elif hparams.feedback == 'hard_dot':
-      h, after = hard_dot_h(*feedback_args)
-    if hparams.feedback == 'none':
-      advantage = jnp.zeros((), jnp.float32)
-    else:
-      # The advantage uses the baseline of the previous steps, which does not depend on this step's y_hat.
-      advantage = hparams.h_sign * (h - baseline)
-      baseline = baseline + hparams.baseline_rate * (h - baseline)
-      metrics.update({'mpl/h': h, 'student/labeled_loss_after': after})
+  # 3-5. Pseudo labels, the student's update on them, and the student's feedback to the teacher.
+  logits_strong = teacher_logits[sizes[0] + sizes[1]:]
+  feedback = FEEDBACK[hparams.feedback](FeedbackInputs(student, logits_strong, batch, keys, step,
+                                                       state.mpl_baseline, hparams))
 
-    def teacher_loss(logits):
-      loss, own_metrics, logits_strong = own_loss(logits)
-      loss_mpl = losses.mpl_feedback_loss(logits_strong, pseudo_labels, advantage)
-      return loss + loss_mpl, (own_metrics, loss_mpl)
-    (teacher_total, (own_metrics, loss_mpl)), logits_grad = jax.value_and_grad(
-        teacher_loss, has_aux=True)(teacher_logits)
-
-  # 5. The teacher's single backward pass and update.
+  # 5. The teacher's single backward pass, on the sum of both logit gradients, and its update.
+  logits_grad = own_logits_grad.at[sizes[0] + sizes[1]:].add(feedback.logits_grad)
   (teacher_grads,) = teacher_vjp(logits_grad)
-  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats)
+  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats, step)
   # 6. EMA of the student.
-  student_ema = ema_update(state.student_ema, new_student.variables, step, hparams.ema_decay)
+  student_ema = ema_update(state.student_ema, feedback.new_student.variables, step, hparams.ema_decay)
 
-  metrics.update({f'teacher/{name}': value for name, value in own_metrics.items()})
+  metrics = {f'teacher/{name}': value for name, value in own_metrics.items()}
+  metrics.update(feedback.metrics)
   metrics.update({
-      'teacher/loss': teacher_total,
-      'teacher/loss_mpl': loss_mpl,
+      'teacher/loss': own_loss + feedback.loss_mpl,
+      'teacher/loss_mpl': feedback.loss_mpl,
       'teacher/learning_rate': teacher.learning_rate_fn(step),
       'teacher/grad_norm': optax.global_norm(teacher_grads),
-      'student/loss': student_grad.loss,
-      'student/learning_rate': eta,
-      'student/grad_norm': optax.global_norm(student_grad.grads),
-      'mpl/baseline': baseline,
+      'student/loss': feedback.student_gradient.loss,
+      'student/learning_rate': student.learning_rate_fn(step),
+      'student/grad_norm': optax.global_norm(feedback.student_gradient.grads),
+      'mpl/baseline': feedback.baseline,
   })
-  new_state = state.replace(step=step + 1, teacher=new_teacher, student=new_student, student_ema=student_ema,
-                            mpl_baseline=baseline.astype(state.mpl_baseline.dtype))
+  new_state = state.replace(step=step + 1, teacher=new_teacher, student=feedback.new_student,
+                            student_ema=student_ema,
+                            mpl_baseline=feedback.baseline.astype(state.mpl_baseline.dtype))
   return new_state, _float32_metrics(metrics)
 
 
@@ -348,7 +419,7 @@ def supervised_step(state, batch, rng, *, hparams: SupervisedHparams):
     return loss, (metrics, batch_stats)
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(network.params)
-  new_network = network.apply_gradients(grads, batch_stats)
+  new_network = network.apply_gradients(grads, batch_stats, step)
   ema = state.ema
   if ema is not None:
     ema = ema_update(ema, new_network.variables, step, hparams.ema_decay)

@@ -25,11 +25,16 @@ def _check(optimizer_config, total_steps, name):
 
 
 def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
-  """step -> learning rate: 0 for `wait_steps`, then linear warmup from 0 over `warmup_steps`, then cosine decay
-  to 0 at `total_steps` ('cosine') or flat at the peak ('constant').
+  """step -> learning rate: 0 for `wait_steps`, then linear warmup over `warmup_steps`, then cosine decay to 0 at
+  `total_steps` ('cosine') or flat at the peak ('constant').
 
-  The wait is the paper's student delay (the student's lr stays 0 while the teacher warms up, App. C). `name`
-  is the config path named in errors (e.g. 'student_optimizer').
+  The wait is the paper's student delay (the student's lr stays 0 while the teacher warms up, App. C). The edges
+  follow the authors' release (`get_learning_rate`, meta_pseudo_labels/common_utils.py in
+  github.com/google-research/google-research): with s = step - wait_steps, lr = 0 for s < 0 (exactly `wait_steps`
+  steps), peak * (s + 1) / warmup_steps for 0 <= s < warmup_steps (the first warmup step already moves, the last
+  one is at the peak), then peak * (1 + cos(pi * min(s - warmup_steps, D) / D)) / 2 with
+  D = total_steps - wait_steps - warmup_steps. `step` is the train step's index (the state's step counter before
+  it, 0 for the first). `name` is the config path named in errors (e.g. 'student_optimizer').
   """
   _check(optimizer_config, total_steps, name)
   peak = float(optimizer_config.learning_rate)
@@ -40,7 +45,7 @@ def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
 
   def learning_rate_fn(step):
     since_wait = jnp.asarray(step, jnp.float32) - wait
-    warming = peak * since_wait / warmup if warmup else jnp.float32(peak)
+    warming = peak * (since_wait + 1.0) / warmup if warmup else jnp.float32(peak)
     if cosine:
       progress = jnp.clip((since_wait - warmup) / decay_steps, 0.0, 1.0)
       after_warmup = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
@@ -58,12 +63,15 @@ def decay_mask(params):
 
 
 def create_optimizer(optimizer_config, total_steps, name='optimizer'):
-  """Returns (tx, learning_rate_fn) for one network.
+  """Returns (tx, learning_rate_fn) for one network: step t applies `scale_by_learning_rate(u, learning_rate_fn(t))`
+  to tx's update u.
 
-  Chain: weight decay (L2 as a gradient term wd * w, i.e. the loss wd/2 * |w|^2 of TF's l2_loss, kernels only)
-  -> global-norm clipping (if grad_clip_norm > 0) -> SGD with (Nesterov) momentum at `learning_rate_fn`.
-  optax counts its own updates, so the schedule seen by `tx` at update t equals `learning_rate_fn(t)` as long as
-  every train step applies exactly one update.
+  tx: weight decay (L2 as a gradient term wd * w, i.e. the loss wd/2 * |w|^2 of TF's l2_loss, kernels only)
+  -> global-norm clipping (if grad_clip_norm > 0) -> (Nesterov) momentum. The learning rate, SGD's last stage, is
+  left out of tx on purpose: optax would count its own updates for the schedule, and a train step whose update is
+  discarded (the divergence guard's 'skip') would leave that count behind the state's step, so the lr a step reports
+  (and the one MPL's exact lookahead uses) would not be the one it applies. The caller scales by
+  `learning_rate_fn(state step)` instead (`train_state.NetworkState.apply_gradients`).
   """
   learning_rate_fn = create_learning_rate_fn(optimizer_config, total_steps, name)
   chain = []
@@ -71,6 +79,11 @@ def create_optimizer(optimizer_config, total_steps, name='optimizer'):
     chain.append(optax.add_decayed_weights(optimizer_config.weight_decay, mask=decay_mask))
   if optimizer_config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(optimizer_config.grad_clip_norm))
-  chain.append(optax.sgd(learning_rate_fn, momentum=optimizer_config.momentum or None,
-                         nesterov=bool(optimizer_config.nesterov)))
-  return optax.chain(*chain), learning_rate_fn
+  if optimizer_config.momentum:
+    chain.append(optax.trace(decay=optimizer_config.momentum, nesterov=bool(optimizer_config.nesterov)))
+  return (optax.chain(*chain) if chain else optax.identity()), learning_rate_fn
+
+
+def scale_by_learning_rate(updates, learning_rate):
+  """SGD's last stage: -learning_rate * updates (as optax.sgd's, in each update's dtype)."""
+  return jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, updates)

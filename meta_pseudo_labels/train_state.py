@@ -23,15 +23,21 @@ class NetworkState(struct.PyTreeNode):
   opt_state: optax.OptState
   apply_fn: Callable = struct.field(pytree_node=False)           # model.apply
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
-  learning_rate_fn: Callable = struct.field(pytree_node=False)   # step -> lr (metrics, the exact lookahead)
+  learning_rate_fn: Callable = struct.field(pytree_node=False)   # step -> lr (the update, metrics, exact lookahead)
 
   @property
   def variables(self):
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
-  def apply_gradients(self, grads, batch_stats):
-    """One optimizer update with `grads`; `batch_stats` are the statistics the same forward pass produced."""
+  def apply_gradients(self, grads, batch_stats, step):
+    """The optimizer update of train step `step` (the state's step counter) with `grads`; `batch_stats` are the
+    statistics the same forward pass produced.
+
+    The learning rate is `learning_rate_fn(step)`, the one the step reports: the schedule follows the state's step,
+    not a count of applied updates, so a skipped step (the divergence guard) cannot shift it (optimizers.py).
+    """
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    updates = optimizers.scale_by_learning_rate(updates, self.learning_rate_fn(step))
     return self.replace(params=optax.apply_updates(self.params, updates), batch_stats=batch_stats,
                         opt_state=opt_state)
 

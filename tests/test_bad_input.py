@@ -81,6 +81,25 @@ def _readonly_dir(tmp_path):
   pytest.skip('no read-only directory to test with (running as root, no read-only mount)')
 
 
+def _npz_file(path, x, labels, x_test=None, y_test=None):
+  """An .npz source; the test split is the first 4 training examples unless given."""
+  labels = np.asarray(labels, np.int64)
+  np.savez(path, x_train=x, y_train=labels, x_test=x[:4] if x_test is None else x_test,
+           y_test=labels[:4] if y_test is None else np.asarray(y_test, np.int64))
+  return str(path)
+
+
+def _images(n, size=32):
+  return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _vectors_with(value):
+  """20 float vectors [20, 2], `value` at row 7."""
+  x = np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32)
+  x[7, 1] = value
+  return x
+
+
 # ---- through the command line ---------------------------------------------------------------------------------
 
 def test_cli_unknown_config_field(tmp_path):
@@ -144,6 +163,32 @@ def test_cli_read_only_workdir(tmp_path):
     assert _snapshot(readonly) == before
 
 
+@pytest.mark.parametrize('make_data, flags, fragments', [
+    (lambda p: _npz_file(p, _vectors_with(np.nan), np.arange(20) % 2), ('--config.model.name=mlp',),
+     ('x_train has 1 non-finite value (NaN or inf), the first in row 7', 'remove or replace')),
+    (lambda p: _npz_file(p, _images(20), np.where(np.arange(20) == 5, -3, np.arange(20) % 2)), (),
+     ('train labels include -3, which is not a class index', 'class indices 0..1 (dataset.num_classes=2)',
+      'fix the labels')),
+    (lambda p: _npz_file(p, _images(20), np.arange(20) % 2), ('--config.dataset.randaugment_magnitude=-5',),
+     ('dataset.randaugment_magnitude: must be in [0.0, inf), got -5',)),
+    (lambda p: _npz_file(p, _images(20), np.arange(20) % 2), ('--config.dataset.cutout_size=100',),
+     ('dataset.cutout_size: must be an integer in [0, 32] (dataset.image_size), got 100',)),
+], ids=['nan_in_x_train', 'negative_label', 'negative_magnitude', 'cutout_larger_than_the_image'])
+def test_cli_bad_npz_data_and_augmentation_ranges(tmp_path, make_data, flags, fragments):
+  data = make_data(tmp_path / 'data.npz')
+  workdir = _populated_workdir(tmp_path / 'w')
+  before = _snapshot(workdir)
+  completed = _main(workdir, '--config=configs/cifar10_4k.py:cpu', '--config.dataset.source=npz',
+                    f'--config.dataset.data_dir={data}', '--config.dataset.num_classes=2',
+                    '--config.dataset.num_labeled=4', '--config.dataset.num_validation=0',
+                    '--config.num_train_steps=2', '--config.student_optimizer.wait_steps=0',
+                    '--config.finetune.num_steps=0', *flags)
+  line = _assert_one_line_error(completed, *fragments)
+  if 'dataset.' not in fragments[0]:
+    assert data in line   # a data error names the file
+  assert _snapshot(workdir) == before   # no new file, none changed
+
+
 # ---- the same checks, in-process ------------------------------------------------------------------------------
 
 def _override(config, overrides):
@@ -170,6 +215,7 @@ def _vector_config(**overrides):
     (_vector_config, {'model.name': 'wrn99'}, 1, "model.name: unknown model 'wrn99'; choose one of"),
     (_image_config, {'model.name': 'mlp'}, 1, "model.name: 'mlp' takes vectors"),
     (_image_config, {'dataset.source': 'ftp'}, 1, "dataset.source: unknown value 'ftp'; choose one of"),
+    (_vector_config, {'mpl.pseudo_labels': 'hard'}, 1, "mpl.pseudo_labels: 'hard' was renamed 'argmax'"),
     (_vector_config, {'num_train_steps': -3}, 1, 'num_train_steps: must be an integer >= 1, got -3'),
     (_vector_config, {'finetune.num_steps': -1}, 1, 'finetune.num_steps: must be an integer >= 0, got -1'),
     (_vector_config, {}, 4, 'batch_size: 6 is not divisible by the 4 devices'),
@@ -186,6 +232,16 @@ def _vector_config(**overrides):
     (_image_config, {'dataset.source': 'folder'}, 1, 'dataset.data_dir: source \'folder\' needs a path'),
     (_image_config, {'num_train_steps': 12}, 1, 'student_optimizer.wait_steps: the student waits 20 steps at lr 0 '
      'but the run has num_train_steps=12'),
+    (_image_config, {'dataset.randaugment_magnitude': -5}, 1,
+     'dataset.randaugment_magnitude: must be in [0.0, inf), got -5'),
+    (_image_config, {'dataset.randaugment_num_ops': -1}, 1,
+     'dataset.randaugment_num_ops: must be an integer >= 0, got -1'),
+    (_image_config, {'dataset.cutout_size': 33}, 1,
+     'dataset.cutout_size: must be an integer in [0, 32] (dataset.image_size), got 33'),
+    (_image_config, {'dataset.cutout_size': -1}, 1,
+     'dataset.cutout_size: must be an integer in [0, 32] (dataset.image_size), got -1'),
+    (_image_config, {'dataset.pad_crop': 32}, 1,
+     'dataset.pad_crop: must be an integer in [0, 31] (below dataset.image_size), got 32'),
 ])
 def test_config_mistakes_are_one_line_config_errors(make, overrides, num_devices, message):
   with pytest.raises(errors.ConfigError) as e:
@@ -235,13 +291,6 @@ def test_empty_image_folder(tmp_path):
   assert f'{tmp_path}/train: no images' in str(e.value) and 'add images as' in str(e.value)
 
 
-def _npz(path, labels, size=8):
-  labels = np.asarray(labels, np.int64)
-  images = np.zeros((len(labels), size, size, 3), np.uint8)
-  np.savez(path, x_train=images, y_train=labels, x_test=images[:2], y_test=labels[:2])
-  return str(path)
-
-
 @pytest.mark.parametrize('num_classes, num_labeled, error, message', [
     # more labeled examples than the 20 the dataset has
     (2, 30, errors.ConfigError, r'dataset.num_labeled=30 \+ dataset.num_validation=0 exceeds the 20 training '
@@ -250,11 +299,27 @@ def _npz(path, labels, size=8):
     (3, 6, errors.DataError, r'class 2 has 0 training examples.*add examples of class 2 or lower dataset.num_labeled'),
 ])
 def test_impossible_labeled_split(tmp_path, num_classes, num_labeled, error, message):
-  data = _npz(tmp_path / 'd.npz', np.arange(20) % 2)
+  data = _npz_file(tmp_path / 'd.npz', _images(20, size=8), np.arange(20) % 2)
   config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': num_classes,
                             'dataset.num_labeled': num_labeled, 'dataset.num_validation': 0})
   with pytest.raises(error, match=message):
     _create_pipeline(config)
+
+
+@pytest.mark.parametrize('test_split, message', [
+    ({}, r'd.npz: x_train has 1 non-finite value \(NaN or inf\), the first in row 7; remove or replace'),
+    ({'x_test': _vectors_with(np.nan)[4:8]}, r'd.npz: x_test has 1 non-finite value .*the first in row 3'),
+    ({'y_test': [0, 1, -1, 1]}, r"npz '.*d.npz': the test labels include -1, which is not a class index"),
+], ids=['inf_in_x_train', 'nan_in_x_test', 'negative_test_label'])
+def test_npz_contents_that_would_train_wrong(tmp_path, test_split, message):
+  x = _vectors_with(np.inf if not test_split else 0.0)[:8]
+  data = _npz_file(tmp_path / 'd.npz', x, np.arange(8) % 2, test_split.get('x_test', x[:4]),
+                   test_split.get('y_test', [0, 1, 0, 1]))
+  config = _image_config(**{'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.num_classes': 2,
+                            'dataset.num_labeled': 2, 'dataset.num_validation': 0, 'model.name': 'mlp'})
+  with pytest.raises(errors.DataError, match=message) as e:
+    _create_pipeline(config)
+  assert '\n' not in str(e.value)
 
 
 def test_read_only_workdir_in_process(tmp_path):

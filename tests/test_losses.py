@@ -70,3 +70,26 @@ def test_mpl_feedback_gradient_is_advantage_times_the_hard_label_gradient(advant
   # The advantage itself is a constant for the teacher.
   advantage_grad = jax.grad(lambda a: losses.mpl_feedback_loss(LOGITS, labels, a))(jnp.float32(advantage))
   assert float(advantage_grad) == 0.0
+
+
+@pytest.mark.parametrize('loss', [
+    lambda labels: losses.softmax_cross_entropy(LOGITS, labels),
+    lambda labels: losses.cross_entropy(LOGITS, labels),
+    lambda labels: losses.cross_entropy(LOGITS, labels, label_smoothing=0.1),
+    lambda labels: losses.top_k_correct(LOGITS, labels, 1),
+])
+def test_labels_of_another_shape_than_the_logits_rows_are_refused(loss):
+  """Labels [N, 1] would broadcast against [N, C] logits into an [N, N] loss: 1.926 instead of 1.114 here."""
+  with pytest.raises(ValueError, match=r'labels of shape \(4, 1\) do not match logits of shape \(4, 3\)'):
+    loss(LABELS[:, None])
+  with pytest.raises(ValueError, match=r'labels of shape \(3,\) do not match logits of shape \(4, 3\)'):
+    loss(LABELS[:3])
+
+
+def test_targets_and_weights_of_another_shape_are_refused():
+  with pytest.raises(ValueError, match=r'targets of shape \(4, 1, 3\) do not match logits of shape \(4, 3\)'):
+    losses.cross_entropy(LOGITS, jax.nn.one_hot(LABELS[:, None], 3))
+  with pytest.raises(ValueError, match=r'weights of shape \(4, 1\) do not match the 4 examples'):
+    losses.cross_entropy(LOGITS, LABELS, weights=jnp.ones((4, 1)))
+  with pytest.raises(ValueError, match=r'labels must be integer class indices, got dtype float32 \(shape \(4,\)\)'):
+    losses.top_k_correct(LOGITS, LABELS.astype(jnp.float32), 1)

@@ -8,7 +8,9 @@ Speed: each model's functions are jitted once (`Setup`, cached per model) and sh
 finite-difference arithmetic on parameter trees runs in NumPy, so nothing is compiled op by op.
 """
 
+import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,12 @@ def assert_matches_finite_differences(fn, params, grads, seed, num_directions=3,
     assert abs(numeric - analytic) <= rtol * abs(analytic), (numeric, analytic)
 
 
+def student_network(model, params, batch_stats):
+  """The student as the feedback helpers see it: a NetworkState without an optimizer."""
+  return train_state.NetworkState(params=params, batch_stats=batch_stats, opt_state=None, apply_fn=model.apply,
+                                  tx=None, learning_rate_fn=None)
+
+
 class Setup:
   """Float64 teacher, student, batch, fixed dropout keys and the jitted functions of one tiny model."""
 
@@ -87,8 +95,14 @@ class Setup:
     self.teacher = tm.to_float64(init(keys[0]))
     self.student = tm.to_float64(init(keys[1]))
     self.batch = tm.to_float64(tm.make_batch(keys[2], input_shape))
-    self.teacher_rng, self.student_rng, self.feedback_rng = mpl.step_rngs(keys[3], 0)
+    self.keys = mpl.step_keys(keys[3], 0)
+    self.teacher_rng, self.student_rng, self.feedback_rng = self.keys.teacher, self.keys.student, self.keys.feedback
     apply = self.model.apply
+    x_labeled, y_labeled = self.batch['labeled_image'], self.batch['labeled_label']
+    self.mpl_batch = mpl.MplBatch(x_labeled, y_labeled, self.batch['unlabeled_weak'], self.batch['unlabeled_strong'])
+
+    def student_at(params):
+      return student_network(self.model, params, self.student['batch_stats'])
 
     def teacher_logits_strong(teacher_params):
       logits, _ = mpl.apply_train(apply, teacher_params, self.teacher['batch_stats'],
@@ -96,26 +110,23 @@ class Setup:
       return logits
 
     def exact_mpl_loss(teacher_params, learning_rate):
-      loss, _ = mpl.exact_mpl_loss(apply, self.student['params'], self.student['batch_stats'],
-                                   teacher_logits_strong(teacher_params), self.batch['unlabeled_strong'],
-                                   self.batch['labeled_image'], self.batch['labeled_label'], learning_rate,
-                                   LABEL_SMOOTHING, self.student_rng, self.feedback_rng)
+      loss, _ = mpl.exact_mpl_loss(student_at(self.student['params']), teacher_logits_strong(teacher_params),
+                                   self.mpl_batch, learning_rate, LABEL_SMOOTHING, self.keys)
       return loss
 
     def student_sgd_step(learning_rate, pseudo_labels):
       """theta_S' = theta_S - eta * grad CE(y_hat, S(x_s)) (plain SGD): (new params, g_u)."""
-      student = mpl.student_gradient(apply, self.student['params'], self.student['batch_stats'],
-                                     self.batch['unlabeled_strong'], pseudo_labels, 0.0, self.student_rng)
+      student = mpl.student_gradient(student_at(self.student['params']), self.batch['unlabeled_strong'],
+                                     pseudo_labels, 0.0, self.student_rng)
       new_params = jax.tree.map(lambda p, g: p - learning_rate * g, self.student['params'], student.grads)
       return new_params, student.grads
 
     def labeled_loss(params, x_labeled, y_labeled):
-      return mpl.labeled_loss(apply, params, self.student['batch_stats'], x_labeled, y_labeled, self.feedback_rng)
+      return mpl.labeled_loss(student_at(params), params, x_labeled, y_labeled, self.feedback_rng)
 
     def feedback(new_params, x_labeled, y_labeled):
       """(hard_taylor h, hard_dot h) of the student's move to `new_params`, measured on (x_labeled, y_labeled)."""
-      args = (apply, self.student['params'], new_params, self.student['batch_stats'], x_labeled, y_labeled,
-              self.feedback_rng)
+      args = (student_at(self.student['params']), new_params, x_labeled, y_labeled, self.feedback_rng)
       return mpl.hard_taylor_h(*args)[0], mpl.hard_dot_h(*args)[0]
 
     def hard_mpl_grads(teacher_params, pseudo_labels, h):
@@ -276,7 +287,8 @@ def test_mpl_step_teacher_update_is_the_gradient_of_the_teacher_objective(feedba
   teacher_lr = float(state.teacher.learning_rate_fn(0))
   step_grads = jax.tree.map(lambda old, new: (old - new) / teacher_lr, old_teacher, new_state.teacher.params)
 
-  teacher_rng, student_rng, feedback_rng = mpl.step_rngs(rng, 0)
+  keys = mpl.step_keys(rng, 0)
+  teacher_rng = keys.teacher
   sizes = [batch[k].shape[0] for k in ('labeled_image', 'unlabeled_weak', 'unlabeled_strong')]
   x_all = jnp.concatenate([batch['labeled_image'], batch['unlabeled_weak'], batch['unlabeled_strong']])
   split = lambda logits: jnp.split(logits, [sizes[0], sizes[0] + sizes[1]])
@@ -292,7 +304,7 @@ def test_mpl_step_teacher_update_is_the_gradient_of_the_teacher_objective(feedba
   _, weak, strong = jit(teacher_logits)(old_teacher)
   uda_targets = jax.nn.softmax(weak / hparams.uda.temperature)
   uda_mask = (uda_targets.max(-1) >= hparams.uda.threshold).astype(jnp.float64)
-  pseudo_labels = jnp.argmax(strong, axis=-1)
+  pseudo_labels = mpl.draw_pseudo_labels(strong, hparams.pseudo_labels, keys.pseudo_labels)
 
   @jit
   @jax.value_and_grad
@@ -301,9 +313,8 @@ def test_mpl_step_teacher_update_is_the_gradient_of_the_teacher_objective(feedba
     own = (losses.cross_entropy(labeled, batch['labeled_label'], LABEL_SMOOTHING)
            + uda_weight * losses.cross_entropy(strong, uda_targets, weights=uda_mask))
     if feedback == 'exact':
-      loss_mpl, _ = mpl.exact_mpl_loss(model.apply, state.student.params, state.student.batch_stats, strong,
-                                       batch['unlabeled_strong'], batch['labeled_image'], batch['labeled_label'],
-                                       eta, LABEL_SMOOTHING, student_rng, feedback_rng)
+      loss_mpl, _ = mpl.exact_mpl_loss(state.student, strong, mpl.MplBatch.from_dict(batch), eta,
+                                       LABEL_SMOOTHING, keys)
     else:
       loss_mpl = losses.mpl_feedback_loss(strong, pseudo_labels, h)
     return own + mpl_weight * loss_mpl
@@ -319,3 +330,92 @@ def test_mpl_step_teacher_update_is_the_gradient_of_the_teacher_objective(feedba
   # The feedback term really moves the teacher: without it the update differs.
   _, own_grads = objective(old_teacher, 0.0)
   assert tree_norm(jax.tree.map(np.subtract, to_numpy(own_grads), to_numpy(step_grads))) > 1e-6
+
+
+# ---- sampled pseudo labels: the hard-label estimator is a score-function gradient (App. A) ---------------------
+
+
+def test_sampled_pseudo_labels_follow_the_teacher_distribution():
+  """y_hat ~ Categorical(softmax(T(x_s))): class frequencies over many draws match the teacher's probabilities."""
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 1.0, 0.5]], jnp.float64)
+  draws = jit(jax.vmap(lambda key: mpl.draw_pseudo_labels(logits, 'sampled', key)))(
+      jax.random.split(jax.random.key(0), 40_000))
+  frequencies = np.stack([np.mean(np.asarray(draws) == c, axis=0) for c in range(3)], axis=-1)
+  probabilities = np.asarray(jax.nn.softmax(logits))
+  standard_error = np.sqrt(probabilities * (1 - probabilities) / draws.shape[0])
+  assert np.all(np.abs(frequencies - probabilities) <= 4 * standard_error), (frequencies, probabilities)
+  np.testing.assert_array_equal(mpl.draw_pseudo_labels(logits, 'argmax', None), [0, 0, 1])
+
+
+ENUMERATED_POINTS = 3   # unlabeled points; 2 classes: 2^3 = 8 label vectors y_hat, every one enumerated
+
+
+def test_sampled_hard_taylor_gradient_is_unbiased_for_the_enumerated_objective():
+  """E_y_hat[h grad CE(y_hat, T(x_s))] = (1/n) grad E_y_hat~T[CE_l(theta_S'(y_hat))], n = |x_s| (batch mean).
+
+  The mean over many draws of the teacher's MPL gradient that the step's own feedback function returns
+  (`mpl.pseudo_label_feedback` with hard_taylor h, the student really updated by its optimizer) equals jax.grad of
+  the objective written out over every y_hat, within 3 standard errors along the gradient and random directions;
+  the argmax estimator, the same for every draw, misses it by many standard errors.
+  """
+  model = tm.TinyMLP(num_classes=2)
+  keys = jax.random.split(jax.random.key(11), 5)
+  init = jit(functools.partial(train_state.init_variables, model=model, input_shape=(6,)))
+  teacher = tm.to_float64(init(keys[0]))
+  student_variables = tm.to_float64(init(keys[1]))
+  batch = tm.to_float64(tm.make_batch(keys[2], (6,), labeled=4, mu=1, num_classes=2))
+  batch = mpl.MplBatch.from_dict(batch)._replace(x_strong=batch['unlabeled_strong'][:ENUMERATED_POINTS])
+  step_keys = mpl.step_keys(keys[3], 0)
+  eta = 0.5
+  tx, learning_rate_fn = train_state.optimizers.create_optimizer(tm.optimizer_config(learning_rate=eta), 10)
+  student = train_state.NetworkState(params=student_variables['params'],
+                                     batch_stats=student_variables['batch_stats'],
+                                     opt_state=tx.init(student_variables['params']), apply_fn=model.apply, tx=tx,
+                                     learning_rate_fn=learning_rate_fn)
+  hparams = mpl.MplHparams(feedback='hard_taylor', pseudo_labels='sampled', label_smoothing=LABEL_SMOOTHING)
+
+  def logits_strong(teacher_params):
+    return mpl.apply_train(model.apply, teacher_params, teacher['batch_stats'], batch.x_strong,
+                           step_keys.teacher)[0]
+
+  def estimator(labels_key, kind):
+    """The teacher's MPL gradient of one step whose pseudo labels are drawn with `labels_key`."""
+    logits, vjp = jax.vjp(logits_strong, teacher['params'])
+    inputs = mpl.FeedbackInputs(student, logits, batch, step_keys._replace(pseudo_labels=labels_key),
+                                jnp.zeros((), jnp.int32), jnp.zeros(()), dataclasses.replace(hparams,
+                                                                                             pseudo_labels=kind))
+    return vjp(mpl.pseudo_label_feedback(inputs, h_fn=mpl.hard_taylor_h).logits_grad)[0]
+
+  def enumerated_objective(teacher_params):
+    """sum over y_hat of P_T(y_hat) CE_l(theta_S'(y_hat)); theta_S'(y_hat) depends on theta_T only via y_hat."""
+    log_probs = jax.nn.log_softmax(logits_strong(teacher_params))
+    total = 0.0
+    for labels in itertools.product(range(2), repeat=ENUMERATED_POINTS):
+      labels = jnp.array(labels)
+      update = mpl.student_gradient(student, batch.x_strong, labels, LABEL_SMOOTHING, step_keys.student)
+      moved = student.apply_gradients(update.grads, update.batch_stats, 0)
+      loss = mpl.labeled_loss(student, moved.params, batch.x_labeled, batch.y_labeled, step_keys.feedback)
+      total += jnp.exp(jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))) * loss
+    return total
+
+  expected = to_numpy(jit(jax.grad(enumerated_objective))(teacher['params']))
+  expected = jax.tree.map(lambda g: g / ENUMERATED_POINTS, expected)
+  num_draws = 20_000
+  draws = to_numpy(jit(jax.vmap(lambda key: estimator(key, 'sampled')))(
+      jax.random.split(jax.random.key(12), num_draws)))
+  argmax = to_numpy(jit(lambda: estimator(jax.random.key(0), 'argmax'))())
+
+  directions = [jax.tree.map(lambda g: g / tree_norm(expected), expected)]
+  directions += [random_direction(30 + i, expected) for i in range(2)]
+  for direction in directions:
+    projections = sum(np.tensordot(d, v, axes=v.ndim) for d, v in zip(jax.tree.leaves(draws),
+                                                                        jax.tree.leaves(direction)))
+    mean, standard_error = projections.mean(), projections.std(ddof=1) / np.sqrt(num_draws)
+    assert abs(mean - tree_dot(expected, direction)) <= 3 * standard_error, (mean, tree_dot(expected, direction),
+                                                                              standard_error)
+  # Along the true gradient the argmax estimator is off by far more than the sampled one's error bars.
+  along = directions[0]
+  projections = sum(np.tensordot(d, v, axes=v.ndim) for d, v in zip(jax.tree.leaves(draws),
+                                                                      jax.tree.leaves(along)))
+  standard_error = projections.std(ddof=1) / np.sqrt(num_draws)
+  assert abs(tree_dot(argmax, along) - tree_dot(expected, along)) > 10 * standard_error

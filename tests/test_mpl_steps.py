@@ -135,18 +135,32 @@ def test_step_is_a_pure_function_of_state_batch_and_rng():
   assert float(first['teacher/loss']) != float(other['teacher/loss'])  # dropout keys come from the rng
 
 
-def test_step_rngs_fold_in_the_step():
-  """Dropout keys of step t are split from fold_in(rng, t): a resumed run draws the masks of an uninterrupted one."""
+def test_step_keys_fold_in_the_step():
+  """Dropout and pseudo-label keys of step t are split from fold_in(rng, t): a resumed run draws the masks and the
+  pseudo labels of an uninterrupted one."""
   rng = jax.random.key(3)
-  keys = [jax.random.key_data(key) for key in mpl.step_rngs(rng, 5)]
-  expected = jax.random.key_data(jax.random.split(jax.random.fold_in(rng, 5), 3))
+  keys = [jax.random.key_data(key) for key in mpl.step_keys(rng, 5)]
+  expected = jax.random.key_data(jax.random.split(jax.random.fold_in(rng, 5), 4))
   np.testing.assert_array_equal(np.stack(keys), expected)
-  assert not np.array_equal(np.stack(keys), jax.random.key_data(jax.random.split(jax.random.fold_in(rng, 6), 3)))
+  assert not np.array_equal(np.stack(keys), jax.random.key_data(jax.random.split(jax.random.fold_in(rng, 6), 4)))
+  assert len({tuple(np.ravel(k)) for k in keys}) == 4   # four independent streams
+
+
+def test_sampled_pseudo_labels_differ_from_argmax_and_are_reproducible():
+  """The default 'sampled' labels are a draw (not argmax) from the step's own key: the same rng gives the same
+  labels, and the student's step on them differs from one on argmax labels."""
+  batch = tm.make_batch(jax.random.key(1), tm.MODELS['convnet'][1])
+  run = lambda kind, rng: jit(functools.partial(mpl.mpl_step, hparams=hparams('hard_taylor', pseudo_labels=kind)))(
+      jax.device_put(initial_state('convnet')), batch, rng)[1]
+  sampled, again, argmax = run('sampled', jax.random.key(2)), run('sampled', jax.random.key(2)), run(
+      'argmax', jax.random.key(2))
+  assert float(sampled['student/loss']) == float(again['student/loss'])
+  assert float(sampled['student/loss']) != float(argmax['student/loss'])
 
 
 def test_hparams_from_config_and_one_line_errors():
   config = types.SimpleNamespace(
-      mpl=types.SimpleNamespace(feedback='exact', h_sign=1.0, baseline_rate=0.0, pseudo_labels='hard'),
+      mpl=types.SimpleNamespace(feedback='exact', h_sign=1.0, baseline_rate=0.0, pseudo_labels='sampled'),
       label_smoothing=0.15, uda=types.SimpleNamespace(weight=8.0, temperature=0.7, threshold=0.6, ramp_steps=5000),
       ema_decay=0.995, method='uda')
   h = mpl.MplHparams.from_config(config)
@@ -156,9 +170,13 @@ def test_hparams_from_config_and_one_line_errors():
   config.method = 'supervised'
   assert mpl.SupervisedHparams.from_config(config).uda.weight == 0.0
   for overrides, field in [(dict(feedback='taylor'), 'mpl.feedback'), (dict(h_sign=0.5), 'mpl.h_sign'),
-                           (dict(pseudo_labels='argmax'), 'mpl.pseudo_labels')]:
+                           (dict(pseudo_labels='max'), 'mpl.pseudo_labels'),
+                           (dict(feedback='hard_dot', pseudo_labels='soft'), 'mpl.pseudo_labels')]:
     with pytest.raises(errors.ConfigError, match=field):
       mpl.MplHparams(**overrides)
+  # The old name of the released code's labels is refused with the new one.
+  with pytest.raises(errors.ConfigError, match=r"'hard' was renamed 'argmax'.*'sampled'"):
+    mpl.MplHparams(pseudo_labels='hard')
 
 
 def test_create_mpl_state_is_pure_and_traceable():

@@ -44,7 +44,7 @@ def small_config(feedback='exact', batch_norm_group_size=0, model='tiny_conv'):
   config.batch_size = 8
   config.uda_ratio = 1
   config.mpl.feedback = feedback
-  config.mpl.pseudo_labels = 'soft' if feedback == 'exact' else 'hard'
+  config.mpl.pseudo_labels = 'soft' if feedback == 'exact' else 'sampled'
   config.uda.ramp_steps = 1
   config.num_train_steps = 10
   config.batch_norm_group_size = batch_norm_group_size

@@ -57,15 +57,15 @@ METHODS = {
     'pseudo_labels': Method('teacher trained on the labeled points, then frozen; student on its hard labels',
                             'pseudo_labels'),
     'mpl_hard_taylor': Method('MPL, hard labels, h = CE_old - CE_new', 'mpl',
-                              (('feedback', 'hard_taylor'), ('pseudo_labels', 'hard'), ('h_sign', 1.0))),
+                              (('feedback', 'hard_taylor'), ('pseudo_labels', 'sampled'), ('h_sign', 1.0))),
     'mpl_hard_dot': Method('MPL, hard labels, h = eta_S <g_l, g_u>', 'mpl',
-                           (('feedback', 'hard_dot'), ('pseudo_labels', 'hard'), ('h_sign', 1.0))),
+                           (('feedback', 'hard_dot'), ('pseudo_labels', 'sampled'), ('h_sign', 1.0))),
     'mpl_exact': Method('MPL, soft labels, meta-gradient through the student step', 'mpl',
                         (('feedback', 'exact'), ('pseudo_labels', 'soft'))),
     'mpl_flipped_sign': Method('ablation: mpl_hard_taylor with h = CE_new - CE_old (released code)', 'mpl',
-                               (('feedback', 'hard_taylor'), ('pseudo_labels', 'hard'), ('h_sign', -1.0))),
+                               (('feedback', 'hard_taylor'), ('pseudo_labels', 'sampled'), ('h_sign', -1.0))),
     'mpl_feedback_off': Method('ablation: no feedback; teacher on its own loss, student distils it', 'mpl',
-                               (('feedback', 'none'), ('pseudo_labels', 'hard'))),
+                               (('feedback', 'none'), ('pseudo_labels', 'sampled'))),
 }
 
 
