@@ -64,6 +64,12 @@ def get_base_config():
       dtype='float32',          # compute dtype ('bfloat16' on TPU); params stay float32
   ))
   config.student_model = ml_collections.ConfigDict(dict(name=''))  # '' = same as `model`; else full override
+  # Warm starts (ours; warm_start.py): start a network from a trained one, its parameters and BatchNorm statistics
+  # (not its optimizer). '' = fresh init; else a workdir 'W' (its final network), 'W:<network>' (teacher, student,
+  # student_ema, student_finetuned, model, model_ema), 'W:<phase>' (mpl, finetune, supervised, uda: that phase's
+  # final network) or a directory written by `python -m meta_pseudo_labels.export`. Same architecture and classes.
+  config.teacher_init = ''      # the teacher (method 'supervised' / 'uda': the one network)
+  config.student_init = ''      # the student (method 'mpl' only)
 
   # ---- batch ------------------------------------------------------------------------------------------------
   config.batch_size = 128       # labeled examples per step (global)

@@ -7,18 +7,22 @@ What it adds to orbax, and why:
   `<step>.corrupt` (kept for inspection, never deleted) and the next older one is tried, with a warning naming both.
 - Preemption: `reached_preemption(step)` turns SIGTERM into a flag the loop polls at step boundaries. With several
   processes it defers to orbax / `multihost_utils.reached_preemption_sync_point`, so every host saves the same step.
+- `read_variables(directory, path)`: one network's parameters and BatchNorm statistics out of a phase's newest
+  checkpoint, read alone (no optimizer state, nothing written), for prediction, export and warm starts.
 - `check_compatible(workdir, config)`: a workdir keeps the config it was started with (`config.json`); resuming it
   with a config that builds a differently shaped state is refused with a one-line CheckpointError before anything
   is read or written.
 """
 
 import json
+import logging as python_logging
 import os
 import signal
 import threading
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from meta_pseudo_labels import errors
@@ -42,6 +46,18 @@ STATE_DEFINING_FIELDS = (
 STATE_SWITCH_FIELDS = tuple(f'{optimizer}.{field}'
                             for optimizer in ('teacher_optimizer', 'student_optimizer', 'finetune.optimizer')
                             for field in ('weight_decay', 'grad_clip_norm'))
+
+
+class _QuietOrbax(python_logging.Filter):
+  """Drops INFO records of orbax (dozens of lines per checkpoint); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logs():
+  """For the programs: keeps orbax's INFO chatter out of the absl log."""
+  logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 def _lookup(tree, dotted):
@@ -236,3 +252,52 @@ class Checkpointer:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
+
+
+VARIABLE_COLLECTIONS = ('params', 'batch_stats')
+
+
+def read_variables(directory, path):
+  """`{'params', 'batch_stats'}` (numpy) of the network at `path` (keys into the saved state, e.g. ('teacher',))
+  in the newest checkpoint of `directory`; returns `(variables, step)`.
+
+  Only these arrays are read (orbax's partial restore), so restoring a student never loads the optimizer states.
+  A damaged or foreign checkpoint is a CheckpointError naming it; unlike `Checkpointer.restore`, nothing is renamed
+  or written, and no older step is tried (that would silently be another model).
+  """
+  if not os.path.isdir(directory):
+    raise errors.CheckpointError(f'{directory}: no such checkpoint directory; did the run reach this phase?')
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'extra': ocp.JsonCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    raise errors.CheckpointError(f'{directory}: no finished checkpoint; train the run (further) first')
+  where = f'{directory}/{step}'
+  try:
+    metadata = manager.item_metadata(step)['state']
+    for key in path:
+      metadata = metadata[key]
+    saved = {collection: dict(metadata[collection]) for collection in VARIABLE_COLLECTIONS if collection in metadata}
+  except Exception as e:  # pylint: disable=broad-except  # missing or unreadable metadata
+    raise errors.CheckpointError(f'{where}: unreadable checkpoint metadata or no {"/".join(path)} in it '
+                                 f'({type(e).__name__}); use another workdir or retrain') from None
+  if 'params' not in saved:
+    raise errors.CheckpointError(f'{where}: holds no parameters under {"/".join(path)}')
+  target = {collection: tree for collection, tree in saved.items() if tree}   # e.g. an MLP's empty batch_stats
+  for key in reversed(path):
+    target = {key: target}
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), target)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+        partial_restore=True)))['state']
+  except Exception as e:  # pylint: disable=broad-except  # truncated or missing array files
+    first_line = str(e).splitlines()[0] if str(e) else ''
+    raise errors.CheckpointError(f'{where}: damaged checkpoint ({type(e).__name__}: {first_line[:200]}); use an '
+                                 'intact copy or retrain') from None
+  finally:
+    manager.close()
+  for key in path:
+    restored = restored[key]
+  return {collection: restored.get(collection, {}) for collection in VARIABLE_COLLECTIONS}, step

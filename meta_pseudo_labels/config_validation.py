@@ -16,6 +16,7 @@ to `models`.
 
 import math
 import numbers
+import os
 
 from meta_pseudo_labels import dataset_choices
 from meta_pseudo_labels import errors
@@ -24,6 +25,7 @@ from meta_pseudo_labels import mpl
 from meta_pseudo_labels import optimizers
 from meta_pseudo_labels import sharding
 from meta_pseudo_labels import step_builder
+from meta_pseudo_labels import trained_models
 
 METHODS = ('mpl', 'supervised', 'uda')   # train.py's programs: MPL + finetuning, or one network alone
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.
@@ -130,6 +132,19 @@ def validate(config, num_devices):
   _model(config, 'model.name')
   if config.student_model.name:
     _model(config, 'student_model.name')
+
+  # Warm starts: the format and the directory here; the network's architecture when the run builds its state.
+  for field in ('teacher_init', 'student_init'):
+    reference = _get(config, field)
+    if not isinstance(reference, str):
+      raise errors.ConfigError(f"{field}: must be a string (a workdir 'W', 'W:<network>' or an exported "
+                               f'directory), got {reference!r}')
+    if reference and field == 'student_init' and method != 'mpl':
+      raise errors.ConfigError(f"student_init: method {method!r} trains no student; use teacher_init for its network")
+    directory, _ = trained_models.parse_reference(reference)
+    if reference and not os.path.isdir(directory):
+      raise errors.ConfigError(f'{field}: {directory} is not a directory; name a training workdir or an exported '
+                               'model directory')
 
   # Steps and cadence.
   _integer(config, 'num_train_steps', 1)

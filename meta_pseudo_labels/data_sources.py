@@ -76,6 +76,18 @@ def load_in_memory(dataset_config, stored_size):
   return InMemoryData(train, test, extra)
 
 
+def class_names(dataset_config):
+  """Label -> name: the class folders of an image folder, a TFDS data set's ClassLabel names; else None."""
+  if dataset_config.source == 'folder':
+    return tuple(folder_class_names(dataset_config.data_dir, dataset_config.train_split))
+  if dataset_config.source == 'tfds':
+    features = tfds_builder(dataset_config.name, dataset_config.data_dir).info.features
+    names = getattr(features['label'], 'names', None) if 'label' in features else None
+    if names and len(names) == dataset_config.num_classes:
+      return tuple(names)
+  return None
+
+
 def parse_unlabeled_source(value):
   """'name[:split]' -> (name, split); the split defaults to 'train'."""
   name, _, split = value.partition(':')

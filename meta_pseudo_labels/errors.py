@@ -1,8 +1,17 @@
 """User-facing errors: each carries one line naming the field or path at fault and how to fix it.
 
-`main` catches these and exits non-zero with the message alone (no traceback), before anything in the workdir is
-touched where possible.
+The programs (`main`, `predict`, `export`) catch these and exit with `USER_ERROR_EXIT_CODE` and the message alone (no
+traceback), before anything in the workdir is touched where possible.
 """
+
+import sys
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def exit_with_one_line(message):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT_CODE)
 
 
 class MplError(Exception):

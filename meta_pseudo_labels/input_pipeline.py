@@ -35,6 +35,7 @@ import tensorflow as tf
 from meta_pseudo_labels import augment
 from meta_pseudo_labels import data_sources
 from meta_pseudo_labels.dataset_choices import AUGMENTATIONS
+from meta_pseudo_labels.input_spec import InputSpec
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 EVAL_SPLITS = ('validation', 'test', 'train_labeled')
@@ -218,6 +219,23 @@ class _StreamingExamples:
 
 # ---- the pipeline ---------------------------------------------------------------------------------------------
 
+def _normalize(image, mean, std):
+  image = tf.cast(image, tf.float32)
+  if mean is None:
+    return image
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def eval_input(image, spec):
+  """A decoded uint8 image [H, W, 3] (any size) or a vector -> the model input, as the eval splits are prepared
+  (`spec`: an `input_spec.InputSpec`, the pipeline's `input_spec` or a saved one)."""
+  if spec.stored_size:
+    image = data_sources.fit_image(image, spec.stored_size)
+  if spec.kind != 'none':
+    image = augment.eval_view(image, kind=spec.kind, image_size=spec.image_size)
+  return _normalize(image, spec.mean, spec.std)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Views:
   """Per-example view functions and normalisation for one data kind."""
@@ -231,10 +249,7 @@ class _Views:
   std: tuple | None
 
   def _normalize(self, image):
-    image = tf.cast(image, tf.float32)
-    if self.mean is None:
-      return image
-    return (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+    return _normalize(image, self.mean, self.std)
 
   def weak(self, image, seed):
     return self._normalize(augment.weak_view(image, seed, kind=self.kind, image_size=self.image_size,
@@ -256,13 +271,18 @@ def _seed(key, position):
 class Pipeline:
   """Host-local numpy batches for training and evaluation (see the module docstring)."""
 
-  def __init__(self, config, examples, views, *, num_classes, input_shape, process_index, process_count):
+  def __init__(self, config, examples, views, *, num_classes, input_shape, process_index, process_count,
+               stored_size=None):
     self._config = config
     self._examples = examples
     self._views = views
     self._process = (process_index, process_count)
     self.num_classes = num_classes
     self.input_shape = tuple(input_shape)
+    self.input_spec = InputSpec(
+        kind=views.kind, image_size=views.image_size, stored_size=stored_size, mean=views.mean, std=views.std,
+        input_shape=self.input_shape, num_classes=num_classes,
+        class_names=data_sources.class_names(config.dataset))
     self.split_sizes = {split: examples.size(split) for split in ('train_labeled', 'validation', 'unlabeled',
                                                                   'test')}
 
@@ -327,7 +347,7 @@ class Pipeline:
 
 # ---- creation -------------------------------------------------------------------------------------------------
 
-def _hide_accelerators():
+def hide_accelerators():
   """Keeps TensorFlow on the CPU so it never takes GPU/TPU memory from JAX."""
   for device_type in ('GPU', 'TPU'):
     if tf.config.list_physical_devices(device_type):
@@ -358,7 +378,7 @@ def _views_for(dataset_config, *, vectors, mean, std):
 
 def create(config, *, process_index=0, process_count=1):
   """Builds the pipeline of `config.dataset` for host `process_index` of `process_count`."""
-  _hide_accelerators()
+  hide_accelerators()
   dataset_config = config.dataset
   host_rows(config.batch_size, process_index, process_count, 'batch_size')
   host_rows(config.eval_batch_size, process_index, process_count, 'eval_batch_size')
@@ -396,7 +416,8 @@ def _create_in_memory(config, process_index, process_count):
   views = _views_for(dataset_config, vectors=vectors, mean=mean, std=std)
   return Pipeline(config, _InMemoryExamples(train, data.test, pools), views,
                   num_classes=dataset_config.num_classes, input_shape=input_shape,
-                  process_index=process_index, process_count=process_count)
+                  process_index=process_index, process_count=process_count,
+                  stored_size=None if vectors else _stored_size(dataset_config))
 
 
 def _create_streaming(config, process_index, process_count):
@@ -421,4 +442,5 @@ def _create_streaming(config, process_index, process_count):
   examples = _StreamingExamples(dataset_config, builder, len(train_labels), test_size, pools, prepare_image, extra)
   return Pipeline(config, examples, views, num_classes=dataset_config.num_classes,
                   input_shape=(dataset_config.image_size, dataset_config.image_size, 3),
-                  process_index=process_index, process_count=process_count)
+                  process_index=process_index, process_count=process_count,
+                  stored_size=None if dataset_config.augment == 'imagenet' else dataset_config.image_size)

@@ -10,7 +10,6 @@ code 2, and nothing in the workdir changed.
 """
 
 import importlib
-import logging as python_logging
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from meta_pseudo_labels import checkpoint
 from meta_pseudo_labels import distributed
 from meta_pseudo_labels import errors
 
@@ -34,7 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, `path.py` or `path.py:arg` (e.g. `configs/cifar10_4k.py:cpu`). '
     'Fields can be overridden with --config.field=value.', lock_config=True)
 
-USER_ERROR_EXIT_CODE = 2
+USER_ERROR_EXIT_CODE = errors.USER_ERROR_EXIT_CODE
 PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: a checkpoint was saved; schedulers treat the job as interrupted
 
 # config.experiment -> (module, function(config, workdir)); modules are imported only when chosen.
@@ -51,11 +51,6 @@ def train_and_evaluate(config, workdir):
                              f'choose one of {sorted(EXPERIMENTS)}')
   module_name, function_name = EXPERIMENTS[config.experiment]
   return getattr(importlib.import_module(module_name), function_name)(config, workdir)
-
-
-def _exit_with_one_line(message):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(USER_ERROR_EXIT_CODE)
 
 
 def _config_imports_work_from_anywhere(argv):
@@ -76,9 +71,9 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _exit_with_one_line(str(e).splitlines()[0])
+    errors.exit_with_one_line(str(e).splitlines()[0])
   except errors.MplError as e:   # raised by a config file's get_config(arg)
-    _exit_with_one_line(str(e))
+    errors.exit_with_one_line(str(e))
   except OSError as e:   # a config file that cannot be read, with overrides given
     _cannot_load_config(e)
   except (AttributeError, KeyError) as e:   # ml_collections: --config.<field> that the config does not have
@@ -86,8 +81,8 @@ def _parse_flags(argv):
     overrides = [a.split('=')[0] for a in argv if re.match(rf'--config\.(.*\.)?{re.escape(field)}(\.|=|$)', a)]
     where = f' ({overrides[0]})' if overrides else ''
     hint = f'did you mean {suggestion!r}? ' if suggestion else ''
-    _exit_with_one_line(f'unknown config field {field!r}{where}; {hint}the config file lists the fields (python -m '
-                        'meta_pseudo_labels.main --config=FILE --helpfull shows them)')
+    errors.exit_with_one_line(f'unknown config field {field!r}{where}; {hint}the config file lists the fields '
+                              '(python -m meta_pseudo_labels.main --config=FILE --helpfull shows them)')
 
 
 def _unknown_field(error):
@@ -101,8 +96,8 @@ def _unknown_field(error):
 
 def _cannot_load_config(error):
   reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-  _exit_with_one_line(f'--config: cannot load {FLAGS["config"].config_filename!r} ({reason}); pass an existing '
-                      'config file, e.g. --config=configs/two_moons.py')
+  errors.exit_with_one_line(f'--config: cannot load {FLAGS["config"].config_filename!r} ({reason}); pass an '
+                            'existing config file, e.g. --config=configs/two_moons.py')
 
 
 def _hide_accelerators_from_tensorflow():
@@ -112,25 +107,18 @@ def _hide_accelerators_from_tensorflow():
   tf.config.set_visible_devices([], 'TPU')
 
 
-class _QuietLibraries(python_logging.Filter):
-  """Drops INFO records of orbax (dozens of lines per checkpoint); its warnings and errors still show."""
-
-  def filter(self, record):
-    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; pass settings as --config.field=value')
   if not FLAGS.workdir:
-    _exit_with_one_line('--workdir is required: the directory for checkpoints and results')
+    errors.exit_with_one_line('--workdir is required: the directory for checkpoints and results')
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):
     try:   # config_flags defers a file that failed to load to an object that raises its error when read
       config.experiment
     except OSError as e:
       _cannot_load_config(e)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  checkpoint.quiet_orbax_logs()
   try:
     _hide_accelerators_from_tensorflow()
     distributed.initialize()
@@ -138,7 +126,7 @@ def main(argv):
                  jax.local_devices())
     train_and_evaluate(config, FLAGS.workdir)
   except errors.MplError as e:
-    _exit_with_one_line(str(e))
+    errors.exit_with_one_line(str(e))
   except errors.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)

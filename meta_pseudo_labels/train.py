@@ -44,11 +44,14 @@ from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import input_pipeline
+from meta_pseudo_labels import input_spec
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import reporting
+from meta_pseudo_labels import run_report
 from meta_pseudo_labels import sharding
 from meta_pseudo_labels import step_builder
 from meta_pseudo_labels import train_state
+from meta_pseudo_labels import warm_start
 from meta_pseudo_labels import workload
 
 RESULTS_FILENAME = 'results.json'
@@ -304,7 +307,8 @@ class _Run:
         results = self.evaluate('validation', phase.eval_models(state))
         self.reporter.scalars(global_step, {f'validation/{model}/{metric}': value
                                             for model, values in results.items()
-                                            for metric, value in values.items() if metric != 'count'})
+                                            for metric, value in values.items()
+                                            if metric in evaluation.SCALAR_METRICS})
       fault_point(step, ckpt)
       if preempted:
         ckpt.wait()
@@ -329,15 +333,17 @@ def train_and_evaluate(config, workdir):
   pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
+  main_phase, initial_networks = warm_start.prepare(config, main_phase, pipeline.num_classes, path / 'checkpoints')
   if jax.process_index() == 0:
     checkpoint.write_config(os.fspath(path), config_dict)
+    input_spec.write(os.fspath(path), pipeline.input_spec)
 
   total_steps = main_phase.num_steps + (finetune_phase.num_steps if finetune_phase else 0)
   run = _Run(config, path, pipeline, mesh, total_steps)
   run.reporter.hparams(_flatten(config_dict))
   logging.info('Split sizes: %s; mesh %s', pipeline.split_sizes, dict(mesh.shape))
 
-  main_state = run.run_phase(main_phase)
+  main_state = run.run_phase(main_phase, source=initial_networks)
   final_models = main_phase.eval_models(main_state)
   if finetune_phase is not None:
     finetune_state = run.run_phase(finetune_phase, source=main_state.student_ema)
@@ -347,10 +353,10 @@ def train_and_evaluate(config, workdir):
   final = {split: run.evaluate(split, final_models) for split in splits}
   run.reporter.scalars(total_steps, {f'final/{split}/{model}/{metric}': value
                                      for split, per_model in final.items() for model, values in per_model.items()
-                                     for metric, value in values.items() if metric != 'count'})
+                                     for metric, value in values.items() if metric in evaluation.SCALAR_METRICS})
   run.reporter.close()
   results = {
-      'final': final,
+      'final': {split: evaluation.for_json(per_model) for split, per_model in final.items()},
       'steps': {main_phase.name: main_phase.num_steps,
                 **({'finetune': finetune_phase.num_steps} if finetune_phase else {})},
       'nonfinite_skipped': run.nonfinite_skipped,
@@ -362,6 +368,7 @@ def train_and_evaluate(config, workdir):
     partial = path / f'{RESULTS_FILENAME}.tmp'   # a crash mid-write never leaves a truncated results.json
     partial.write_text(json.dumps(results, indent=2, sort_keys=True))
     partial.replace(results_path)
+    run_report.write(os.fspath(path), run.reporter.logdir, final, pipeline.input_spec.class_names)
     _print_summary(final, path, run.reporter.logdir)
   return results
 
