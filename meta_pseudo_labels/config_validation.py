@@ -1,29 +1,35 @@
 """Checks a training config before any expensive work (data loading, compilation) and names the fix.
 
-Every problem is an `errors.ConfigError` with one line: the field, the value, and what to do. Checks that need the
-data (a labeled count larger than the dataset, a class without examples) belong to the input pipeline, which
-raises `errors.DataError` when it first reads the data; model-specific checks (dtype, rates) to `models`.
+Every problem is an `errors.ConfigError` with one line: the field, the value, and what to do.
+
+Each choice is listed once, by the module that implements it (`optimizers.SCHEDULES`, `dataset_choices.SOURCES`,
+`step_builder.ON_NONFINITE`, `models.MODELS`, ...), and checked here against that list. The MPL fields (feedback
+mode, pseudo labels, h_sign, baseline rate, label smoothing, EMA decay: `mpl.FEEDBACK_MODES`, `mpl.PSEUDO_LABELS`
+and their ranges and combinations) are checked by the hyper-parameters that use them, `mpl.MplHparams`, which
+`validate` builds early for that, after checking here that the values are finite numbers. This module adds what no
+single user of a field can see: the types and finiteness of values typed on the command line, and the constraints
+between fields (labeled examples per class, the student's wait against the run's length, batches against the
+mesh). Checks that need the data (a labeled count larger than the dataset, a class without examples) belong to the
+input pipeline, which raises `errors.DataError` when it first reads the data; model-specific checks (dtype, rates)
+to `models`.
 """
 
 import math
 import numbers
 import os
 
+from meta_pseudo_labels import dataset_choices
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
+from meta_pseudo_labels import optimizers
 from meta_pseudo_labels import sharding
 from meta_pseudo_labels import step_builder
 from meta_pseudo_labels import trained_models
 
-METHODS = ('mpl', 'supervised', 'uda')
-FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
-SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')
-AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
-SCHEDULES = ('cosine', 'constant')
+METHODS = ('mpl', 'supervised', 'uda')   # train.py's programs: MPL + finetuning, or one network alone
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.
 MIN_IMAGE_SIZE = 8
-VECTOR_MODELS = ('mlp',)
 
 
 def _get(config, field):
@@ -47,7 +53,7 @@ def _integer(config, field, minimum):
   return int(value)
 
 
-def _number(config, field, low, high, *, low_open=False, high_open=False):
+def _number(config, field, low=-math.inf, high=math.inf, *, low_open=False, high_open=False):
   value = _get(config, field)
   if not isinstance(value, numbers.Real) or isinstance(value, bool):
     raise errors.ConfigError(f'{field}: must be a number, got {value!r}')
@@ -62,7 +68,7 @@ def _number(config, field, low, high, *, low_open=False, high_open=False):
 
 
 def _optimizer(config, name):
-  _choice(config, f'{name}.schedule', SCHEDULES)
+  _choice(config, f'{name}.schedule', optimizers.SCHEDULES)
   _number(config, f'{name}.learning_rate', 0.0, float('inf'))
   _number(config, f'{name}.weight_decay', 0.0, float('inf'))
   _number(config, f'{name}.grad_clip_norm', 0.0, float('inf'))
@@ -94,8 +100,8 @@ def _model(config, field):
   if name not in models.MODELS:
     raise errors.ConfigError(f"{field}: unknown model {name!r}; choose one of {sorted(models.MODELS)}")
   vector_input = config.dataset.source == 'two_moons'
-  if (name in VECTOR_MODELS) != vector_input and config.dataset.source != 'npz':
-    kind = 'vectors (dataset.source two_moons)' if name in VECTOR_MODELS else 'images'
+  if (name in models.VECTOR_MODELS) != vector_input and config.dataset.source != 'npz':
+    kind = 'vectors (dataset.source two_moons)' if name in models.VECTOR_MODELS else 'images'
     raise errors.ConfigError(f'{field}: {name!r} takes {kind}, but dataset.source is '
                              f'{config.dataset.source!r}; choose a model for this data')
 
@@ -103,17 +109,11 @@ def _model(config, field):
 def validate(config, num_devices):
   """Raises `errors.ConfigError` for the first problem found in a training config (see the module docstring)."""
   method = _choice(config, 'method', METHODS)
-  _choice(config, 'mpl.feedback', FEEDBACK_MODES)
-  mpl.check_pseudo_labels(_get(config, 'mpl.pseudo_labels'))
-  if _get(config, 'mpl.h_sign') not in (1, -1):
-    raise errors.ConfigError(f'mpl.h_sign: must be 1.0 (correct sign) or -1.0 (the flipped sign of the released '
-                             f'code), got {config.mpl.h_sign!r}')
-  _number(config, 'mpl.baseline_rate', 0.0, 1.0)
   _choice(config, 'on_nonfinite', step_builder.ON_NONFINITE)
 
   # Data.
-  _choice(config, 'dataset.source', SOURCES)
-  _choice(config, 'dataset.augment', AUGMENTATIONS)
+  _choice(config, 'dataset.source', dataset_choices.SOURCES)
+  _choice(config, 'dataset.augment', dataset_choices.AUGMENTATIONS)
   num_classes = _integer(config, 'dataset.num_classes', 2)
   if config.dataset.source != 'two_moons':
     _augmentation(config, _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE))
@@ -154,14 +154,15 @@ def validate(config, num_devices):
   _integer(config, 'uda.ramp_steps', 1)
 
   # Losses and optimizers.
-  _number(config, 'label_smoothing', 0.0, 1.0, high_open=True)
-  _number(config, 'ema_decay', 0.0, 1.0, high_open=True)
+  for field in ('label_smoothing', 'ema_decay', 'mpl.h_sign', 'mpl.baseline_rate'):
+    _number(config, field)   # a finite number; its range is mpl.MplHparams', checked below
   _number(config, 'uda.weight', 0.0, float('inf'))
   _number(config, 'uda.temperature', 0.0, float('inf'), low_open=True)
   _number(config, 'uda.threshold', 0.0, 1.0)
   _optimizer(config, 'teacher_optimizer')
   _optimizer(config, 'student_optimizer')
   _optimizer(config, 'finetune.optimizer')
+  mpl.MplHparams.from_config(config)   # the MPL fields' ranges and combinations (module docstring)
   wait_steps, num_train_steps = config.student_optimizer.wait_steps, config.num_train_steps
   if method == 'mpl' and wait_steps >= num_train_steps:
     raise errors.ConfigError(f'student_optimizer.wait_steps: the student waits {wait_steps} steps at lr 0 but the run '

@@ -17,9 +17,9 @@ import tensorflow_datasets as tfds
 
 from meta_pseudo_labels import augment
 from meta_pseudo_labels import synthetic
+from meta_pseudo_labels.dataset_choices import SOURCES
 from meta_pseudo_labels.errors import ConfigError, DataError
 
-SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 TWO_MOONS_POINTS = 2000  # paper, Sec. 3.1: 1000 per moon

@@ -8,6 +8,8 @@ evaluation costs one host round trip whatever the number of classes.
 Calibration is the expected calibration error (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017,
 Eq. 3): examples are binned by their top-1 probability into `CALIBRATION_BINS` equal-width bins and
 ECE = sum_b (n_b / n) |accuracy_b - mean confidence_b|.
+
+The TwoMoon experiment calls `eval_step` on its whole point set directly.
 """
 
 import functools
@@ -16,11 +18,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meta_pseudo_labels import mpl
+from meta_pseudo_labels import losses
 from meta_pseudo_labels import sharding
 
 CALIBRATION_BINS = 15   # Guo et al. 2017's choice
 SCALAR_METRICS = ('top1', 'top5', 'loss', 'ece')   # what goes to TensorBoard; the rest are per class
+
+
+def eval_sums(logits, batch):
+  """Sums over the unmasked examples of one eval batch: top-1 / top-min(5, C) correct, CE loss, count."""
+  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+  return {
+      'top1_correct': jnp.sum(mask * losses.top_k_correct(logits, labels, 1)),
+      'top5_correct': jnp.sum(mask * losses.top_k_correct(logits, labels, 5)),
+      'loss_sum': jnp.sum(mask * losses.softmax_cross_entropy(logits, labels).astype(jnp.float32)),
+      'count': jnp.sum(mask),
+  }
 
 
 def class_sums(logits, batch):
@@ -43,9 +56,9 @@ def class_sums(logits, batch):
 
 
 def eval_step(apply_fn, variables, batch):
-  """`mpl.eval_sums` and `class_sums` of one batch, from one forward pass."""
+  """`eval_sums` and `class_sums` of one batch, from one forward pass."""
   logits = apply_fn(variables, batch['image'], train=False)
-  return {**mpl.eval_sums(logits, batch), **class_sums(logits, batch)}
+  return {**eval_sums(logits, batch), **class_sums(logits, batch)}
 
 
 def expected_calibration_error(bin_count, bin_confidence, bin_correct):

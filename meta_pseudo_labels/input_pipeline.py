@@ -34,11 +34,11 @@ import tensorflow as tf
 
 from meta_pseudo_labels import augment
 from meta_pseudo_labels import data_sources
+from meta_pseudo_labels.dataset_choices import AUGMENTATIONS
 from meta_pseudo_labels.input_spec import InputSpec
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 EVAL_SPLITS = ('validation', 'test', 'train_labeled')
-AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _POOLS = ('labeled', 'validation', 'unlabeled')
@@ -377,9 +377,6 @@ def _channel_stats(images):
 
 
 def _views_for(dataset_config, *, vectors, mean, std):
-  if dataset_config.augment not in AUGMENTATIONS:
-    raise ConfigError(f"dataset.augment: unknown augmentation '{dataset_config.augment}'; choose one of "
-                      f'{list(AUGMENTATIONS)}')
   return _Views(kind='none' if vectors else dataset_config.augment, image_size=dataset_config.image_size,
                 pad=dataset_config.pad_crop, num_ops=dataset_config.randaugment_num_ops,
                 magnitude=float(dataset_config.randaugment_magnitude), cutout_size=dataset_config.cutout_size,
@@ -392,9 +389,9 @@ def create(config, *, process_index=0, process_count=1):
   dataset_config = config.dataset
   host_rows(config.batch_size, process_index, process_count, 'batch_size')
   host_rows(config.eval_batch_size, process_index, process_count, 'eval_batch_size')
-  if dataset_config.source not in data_sources.SOURCES:
-    raise ConfigError(f"dataset.source: unknown source '{dataset_config.source}'; choose one of "
-                      f'{list(data_sources.SOURCES)}')
+  if dataset_config.augment not in AUGMENTATIONS:   # before any data is read; the source is checked by its reader
+    raise ConfigError(f"dataset.augment: unknown augmentation '{dataset_config.augment}'; choose one of "
+                      f'{list(AUGMENTATIONS)}')
   if dataset_config.in_memory or dataset_config.source != 'tfds':
     return _create_in_memory(config, process_index, process_count)
   return _create_streaming(config, process_index, process_count)

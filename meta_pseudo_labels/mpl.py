@@ -432,18 +432,3 @@ def supervised_step(state, batch, rng, *, hparams: SupervisedHparams):
 # (hparams from `SupervisedHparams.for_finetune`), on batches with the labeled keys only.
 finetune_step = supervised_step
 
-
-def eval_step(apply_fn, variables, batch):
-  """Sums over the unmasked examples of one eval batch: top-1 / top-min(5, C) correct, CE loss, count."""
-  return eval_sums(apply_fn(variables, batch['image'], train=False), batch)
-
-
-def eval_sums(logits, batch):
-  """`eval_step`'s sums from the logits of `batch['image']` (so that callers adding sums run the network once)."""
-  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
-  return {
-      'top1_correct': jnp.sum(mask * losses.top_k_correct(logits, labels, 1)),
-      'top5_correct': jnp.sum(mask * losses.top_k_correct(logits, labels, 5)),
-      'loss_sum': jnp.sum(mask * losses.softmax_cross_entropy(logits, labels).astype(jnp.float32)),
-      'count': jnp.sum(mask),
-  }

@@ -61,23 +61,33 @@ RESULTS_FILENAME = 'results.json'
 #   kill        SIGKILL at once (a crash; a save of this step may be left half-written),
 #   kill_saved  wait until pending saves are complete, then SIGKILL (a crash some time after the last save),
 #   term        SIGTERM (a preemption notice, handled exactly like one sent from outside).
-# It never touches the computation, so the run it interrupts is the run a user gets.
+# It never touches the computation, so the run it interrupts is the run a user gets; the variable is read once per
+# phase, and a phase it does not name calls a no-op.
 FAULT_ENV = 'MPL_INJECT_FAULT'
 _FAULT_KINDS = ('kill', 'kill_saved', 'term')
 
 
-def _fault_point(phase_name, step, ckpt):
-  fault = os.environ.get(FAULT_ENV)
-  if not fault:
-    return
+def _no_fault(step, ckpt):
+  del step, ckpt
+
+
+def _fault_point(phase_name):
+  """The fault hook of `phase_name`, `(step, ckpt) -> None`, called after every loop step (see FAULT_ENV)."""
+  fault = os.environ.get(FAULT_ENV, '')
   kind, _, where = fault.partition('@')
-  if where != f'{phase_name}:{step}' or kind not in _FAULT_KINDS:
-    return
-  if kind == 'kill_saved':
-    ckpt.wait()
-  logging.warning('%s=%s: sending %s to this process', FAULT_ENV, fault, 'SIGTERM' if kind == 'term' else 'SIGKILL')
-  logging.flush()
-  os.kill(os.getpid(), signal.SIGTERM if kind == 'term' else signal.SIGKILL)
+  name, _, fault_step = where.partition(':')
+  if kind not in _FAULT_KINDS or name != phase_name:
+    return _no_fault
+
+  def inject(step, ckpt):
+    if str(step) != fault_step:
+      return
+    if kind == 'kill_saved':
+      ckpt.wait()
+    logging.warning('%s=%s: sending %s to this process', FAULT_ENV, fault, 'SIGTERM' if kind == 'term' else 'SIGKILL')
+    logging.flush()
+    os.kill(os.getpid(), signal.SIGTERM if kind == 'term' else signal.SIGKILL)
+  return inject
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +279,7 @@ class _Run:
     logging.info('%s: training steps %d..%d', phase.name, start + 1, phase.num_steps)
     self.reporter.restart_clock(phase.global_offset + start)
     host_batch = first_batch
+    fault_point = _fault_point(phase.name)
     for step in range(start + 1, phase.num_steps + 1):
       if host_batch is None:
         host_batch = next(batches)
@@ -281,7 +292,7 @@ class _Run:
       is_eval = step % config.eval_every_steps == 0 and self.has_validation
       is_save = step % config.checkpoint_every_steps == 0 or step == phase.num_steps or preempted
       if not (is_log or is_eval or is_save):
-        _fault_point(phase.name, step, ckpt)
+        fault_point(step, ckpt)
         continue
       self._sync(phase, step, accumulator, train_step.metric_names, last_saved)   # raises on divergence before any save
       accumulator = train_step.new_accumulator()
@@ -298,7 +309,7 @@ class _Run:
                                             for model, values in results.items()
                                             for metric, value in values.items()
                                             if metric in evaluation.SCALAR_METRICS})
-      _fault_point(phase.name, step, ckpt)
+      fault_point(step, ckpt)
       if preempted:
         ckpt.wait()
         self.reporter.flush()

@@ -255,6 +255,15 @@ def test_paper_and_cpu_configs_validate():
   config_validation.validate(_vector_config(), 1)
 
 
+@pytest.mark.parametrize('field, value', [('mpl.feedback', 'taylor'), ('mpl.pseudo_labels', 'harder'),
+                                          ('mpl.h_sign', 0.5), ('mpl.baseline_rate', 2.0), ('label_smoothing', 1.0),
+                                          ('ema_decay', -0.1)])
+def test_mpl_fields_are_checked_before_any_work_by_the_hparams_that_use_them(field, value):
+  with pytest.raises(errors.ConfigError) as e:
+    config_validation.validate(_vector_config(**{field: value}), 1)
+  assert str(e.value).startswith(f'{field}: ') and repr(value) in str(e.value) and '\n' not in str(e.value)
+
+
 def _create_pipeline(config):
   from meta_pseudo_labels import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
   return input_pipeline.create(config)

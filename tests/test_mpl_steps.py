@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from meta_pseudo_labels import errors
+from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import train_state
@@ -220,7 +221,7 @@ def test_eval_step_sums_over_the_mask():
   images = np.random.default_rng(1).normal(size=(5, *input_shape)).astype(np.float32)
   labels = jnp.array([0, 1, 2, 0, 1])
   mask = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0])
-  sums, logits = jit(lambda variables, batch: (mpl.eval_step(model.apply, variables, batch),
+  sums, logits = jit(lambda variables, batch: (evaluation.eval_step(model.apply, variables, batch),
                                                model.apply(variables, batch['image'], train=False)))(
                                                    variables, {'image': images, 'label': labels, 'mask': mask})
   logits, labels = np.asarray(logits, np.float64), np.asarray(labels)

@@ -6,7 +6,7 @@ identically for every method: the supervised network and the Pseudo Labels teach
 starts, every student where the MPL student starts, and all of them see the same batches. Accuracy is read over all
 the points (labeled ones included), as in the paper's figure.
 
-The steps are the core's own (`mpl.mpl_step`, `mpl.supervised_step`, `mpl.eval_step`): one method is one jitted
+The steps are the core's own (`mpl.mpl_step`, `mpl.supervised_step`, `evaluation.eval_step`): one method is one jitted
 program, `jax.vmap` over seeds of a `jax.lax.scan` over steps, so the whole sweep takes minutes on a laptop CPU.
 
 Writes to the workdir: `two_moons_results.json` (per method and seed: accuracies and training metrics; the
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
+from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import reporting
 from meta_pseudo_labels import synthetic
@@ -164,19 +165,23 @@ def _unlabeled_batch(split, config, rng):
   return split.unlabeled[positions]
 
 
+def _train_alone(config, model, optimizer_name, rng, batch_fn, keys):
+  """`model` trained alone by `mpl.supervised_step` on `batch_fn`'s batches (no EMA, no UDA): (state, metrics)."""
+  state = train_state.create_supervised_state(rng, model, getattr(config, optimizer_name), INPUT_SHAPE,
+                                              total_steps=config.num_train_steps, keep_ema=False, name=optimizer_name)
+  hparams = mpl.SupervisedHparams(label_smoothing=float(config.label_smoothing))
+  return _scan_steps(lambda s, b, r: mpl.supervised_step(s, b, r, hparams=hparams), state, batch_fn, keys,
+                     config.num_train_steps)
+
+
 def _train_supervised(config, teacher_model, points, labels, split, keys):
   """The teacher network trained alone on the labeled points (no EMA, no UDA)."""
   teacher_rng, _ = jax.random.split(keys.init)
-  state = train_state.create_supervised_state(teacher_rng, teacher_model, config.teacher_optimizer, INPUT_SHAPE,
-                                              total_steps=config.num_train_steps, keep_ema=False,
-                                              name='teacher_optimizer')
-  hparams = mpl.SupervisedHparams(label_smoothing=float(config.label_smoothing))
 
   def batch_fn(rng):
     x, y = _labeled_batch(points, labels, split, config, rng)
     return {'labeled_image': x, 'labeled_label': y}
-  state, metrics = _scan_steps(lambda s, b, r: mpl.supervised_step(s, b, r, hparams=hparams), state, batch_fn,
-                               keys, config.num_train_steps)
+  state, metrics = _train_alone(config, teacher_model, 'teacher_optimizer', teacher_rng, batch_fn, keys)
   return Trained(student=state.network.variables, teacher=None, metrics=metrics)
 
 
@@ -185,16 +190,11 @@ def _train_pseudo_labels(config, teacher_model, student_model, points, labels, s
   teacher = _train_supervised(config, teacher_model, points, labels, split, keys).student
   pseudo_labels = jnp.argmax(teacher_model.apply(teacher, points, train=False), axis=-1).astype(labels.dtype)
   _, student_rng = jax.random.split(keys.init)
-  state = train_state.create_supervised_state(student_rng, student_model, config.student_optimizer, INPUT_SHAPE,
-                                              total_steps=config.num_train_steps, keep_ema=False,
-                                              name='student_optimizer')
-  hparams = mpl.SupervisedHparams(label_smoothing=float(config.label_smoothing))
 
   def batch_fn(rng):
     chosen = _unlabeled_batch(split, config, rng)
     return {'labeled_image': points[chosen], 'labeled_label': pseudo_labels[chosen]}
-  state, metrics = _scan_steps(lambda s, b, r: mpl.supervised_step(s, b, r, hparams=hparams), state, batch_fn,
-                               keys, config.num_train_steps)
+  state, metrics = _train_alone(config, student_model, 'student_optimizer', student_rng, batch_fn, keys)
   return Trained(student=state.network.variables, teacher=teacher, metrics=metrics)
 
 
@@ -219,7 +219,7 @@ TRAINERS = {'supervised': _train_supervised, 'pseudo_labels': _train_pseudo_labe
 def _accuracy(model, variables, points, labels):
   """Top-1 accuracy over all the points, through the core's `eval_step`."""
   batch = {'image': points, 'label': labels, 'mask': jnp.ones(labels.shape, jnp.float32)}
-  sums = mpl.eval_step(model.apply, variables, batch)
+  sums = evaluation.eval_step(model.apply, variables, batch)
   return sums['top1_correct'] / sums['count']
 
 

@@ -78,6 +78,9 @@ MODELS: dict[str, ModelConstructor] = {
 }
 
 
+VECTOR_MODELS = ('mlp',)   # take [N, D] vectors (TwoMoon, .npz vectors); every other model takes NHWC images
+
+
 def create_model(model_config, num_classes: int, dtype=None, bn_group_size: int = 0) -> nn.Module:
   """Builds the registry model `model_config.name`.
 
