@@ -24,16 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from meta_pseudo_labels import checkpoint
+from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import input_pipeline
 from meta_pseudo_labels import models
-from meta_pseudo_labels import mpl
 from meta_pseudo_labels import train_state
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
 
 
 def _top1(apply_fn, variables, batches):
-  step = jax.jit(lambda v, b: mpl.eval_step(apply_fn, v, b))
+  step = jax.jit(lambda v, b: evaluation.eval_step(apply_fn, v, b))
   sums = [step(variables, batch) for batch in batches]
   return float(sum(s['top1_correct'] for s in sums) / sum(s['count'] for s in sums))
 
