@@ -18,11 +18,14 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
 - the input pipeline alone (decode, weak + strong augmentation, batching) in examples/s, next to the examples/s
   the MPL step consumes.
 
-FLOPs come from XLA's cost analysis of the compiled executable (2 per multiply-add, padding-aware), memory from
-its memory analysis (peak, and the bytes aliased between donated inputs and outputs: the state updated in
-place). Steps are timed with `block_until_ready` after warm-up; the median of `repeats` steps is reported, in
-wall-clock seconds and in process CPU seconds (all threads): on a shared host the CPU-time ratios are the ones
-that mean something, on an accelerator the wall-clock ones (docs/PERFORMANCE.md).
+The workload (models, shapes, synthetic batch) and the cost helpers are `workload.py`'s, the ones `compile_check`
+uses. FLOPs come from XLA's cost analysis of the compiled executable (2 per multiply-add, padding-aware), memory from
+its memory analysis (peak as `workload.memory_stats` defines it, and the bytes aliased between donated inputs and
+outputs: the state updated in place). The steps are timed bare, as `mpl.py` defines them, not wrapped in the
+training loop's divergence guard (`step_builder.py`): the floor they are compared with has no guard either.
+Steps are timed with `block_until_ready` after warm-up; the median of `repeats` steps is reported, in wall-clock
+seconds and in process CPU seconds (all threads): on a shared host the CPU-time ratios are the ones that mean
+something, on an accelerator the wall-clock ones (docs/PERFORMANCE.md).
 
 Like the rest of the core this module imports neither TensorFlow nor ml_collections at import time: the input
 pipeline is imported only for its own measurement (skipped with a note where TensorFlow is absent), and
@@ -46,11 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import train_state
+from meta_pseudo_labels import workload
 
-FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor')
+FEEDBACK_MODES = tuple(mode for mode in mpl.FEEDBACK_MODES if mode != 'none')   # 'none' has no feedback to time
 PIPELINE_DATA = ('synthetic', 'config')
 # HLO ops that move data between host and device inside a step; a training step should contain none.
 HOST_TRANSFER_OPS = ('infeed', 'outfeed', 'send(', 'recv(', 'host_callback', 'xla_python_cpu_callback',
@@ -59,41 +62,11 @@ HOST_TRANSFER_OPS = ('infeed', 'outfeed', 'send(', 'recv(', 'host_callback', 'xl
 
 # ---- measuring one compiled function ---------------------------------------------------------------------------
 
-def xla_flops(compiled) -> float:
-  """FLOPs of one call of a compiled executable from XLA's cost analysis (a dict, or a list of one per program)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    return float(sum(part.get('flops', 0.0) for part in analysis))
-  return float(analysis.get('flops', 0.0)) if analysis else 0.0
-
-
-def memory_stats(compiled) -> dict[str, int]:
-  """Device memory of one call: peak, and its parts (arguments, outputs, temporaries, donated-and-reused)."""
-  stats = compiled.memory_analysis()
-  argument = int(stats.argument_size_in_bytes)
-  output = int(stats.output_size_in_bytes)
-  alias = int(stats.alias_size_in_bytes)
-  temp = int(stats.temp_size_in_bytes)
-  # The buffers live at once: inputs + outputs not aliased to an input + the temporaries, which the CPU backend
-  # allocates as one block of `temp_size` for the whole call. The CPU backend's own `peak_memory_in_bytes` leaves
-  # the temporaries out (jax 0.10.2: 31 MiB reported for an MPL step with 2.6 GiB of temporaries), so a reported
-  # peak is used only where it includes them (accelerators' heap simulation).
-  live = argument + output - alias + temp
-  reported = int(getattr(stats, 'peak_memory_in_bytes', 0) or 0)
-  peak = reported if reported >= temp else live
-  return dict(peak_bytes=peak, reported_peak_bytes=reported, argument_bytes=argument, output_bytes=output,
-              temp_bytes=temp, alias_bytes=alias)
-
-
 def hlo_op_counts(compiled) -> dict[str, int]:
   """Convolutions, dots and host transfers in the optimised HLO: redundant passes and host round-trips show here."""
   text = compiled.as_text()
   return dict(convolutions=text.count(' convolution('), dots=text.count(' dot('),
               host_transfers=sum(text.count(op) for op in HOST_TRANSFER_OPS))
-
-
-def _tree_bytes(tree) -> int:
-  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
 
 
 def _median_seconds(call: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
@@ -126,7 +99,7 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
   start, start_cpu = time.perf_counter(), time.process_time()
   compiled = jitted.lower(state, *args).compile()
   compile_seconds, compile_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-  state_bytes = _tree_bytes(state)
+  state_bytes = workload.tree_bytes(state)
   carry = [state]
 
   def call():
@@ -134,8 +107,8 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
     return carry[0], aux
 
   seconds, cpu_seconds = _median_seconds(call, warmup, repeats)
-  flops = xla_flops(compiled)
-  memory = memory_stats(compiled)
+  flops = workload.xla_flops(compiled)
+  memory = workload.memory_stats(compiled)
   memory['state_bytes'] = state_bytes
   memory['donated_fraction'] = memory['alias_bytes'] / state_bytes if state_bytes else 0.0
   return dict(compile_seconds=compile_seconds, compile_cpu_seconds=compile_cpu_seconds, step_seconds=seconds,
@@ -146,7 +119,7 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
 
 def compiled_flops(fn: Callable, *args) -> float:
   """FLOPs of `fn(*args)` compiled standalone (not run)."""
-  return xla_flops(jax.jit(fn).lower(*args).compile())
+  return workload.xla_flops(jax.jit(fn).lower(*args).compile())
 
 
 def matmul_reference(size: int, warmup: int, repeats: int) -> dict[str, float]:
@@ -162,35 +135,6 @@ def matmul_reference(size: int, warmup: int, repeats: int) -> dict[str, float]:
 
 # ---- the MPL workload ------------------------------------------------------------------------------------------
 
-def input_shape(config) -> tuple[int, ...]:
-  """Shape of one example: [D] points for TwoMoon, else square RGB images of `dataset.image_size`."""
-  if config.dataset.source == 'two_moons':
-    return (2,)
-  return (config.dataset.image_size, config.dataset.image_size, 3)
-
-
-def synthetic_batch(config, seed: int = 0) -> dict[str, jax.Array]:
-  """An MPL batch of the config's shapes: B labeled examples and two views of mu*B unlabeled ones."""
-  labeled, unlabeled = config.batch_size, config.batch_size * config.uda_ratio
-  shape = input_shape(config)
-  keys = jax.random.split(jax.random.key(seed), 4)
-  return {
-      'labeled_image': jax.random.normal(keys[0], (labeled, *shape), jnp.float32),
-      'labeled_label': jax.random.randint(keys[1], (labeled,), 0, config.dataset.num_classes, jnp.int32),
-      'unlabeled_weak': jax.random.normal(keys[2], (unlabeled, *shape), jnp.float32),
-      'unlabeled_strong': jax.random.normal(keys[3], (unlabeled, *shape), jnp.float32),
-  }
-
-
-def _models(config):
-  teacher = models.create_model(config.model, config.dataset.num_classes,
-                                bn_group_size=config.batch_norm_group_size)
-  student_config = config.student_model if getattr(config.student_model, 'name', '') else config.model
-  student = models.create_model(student_config, config.dataset.num_classes,
-                                bn_group_size=config.batch_norm_group_size)
-  return teacher, student
-
-
 def floor_flops(config, teacher_model, student_model, batch) -> dict[str, float]:
   """FLOPs of the indispensable pieces of one MPL step, each compiled standalone (not run).
 
@@ -198,8 +142,9 @@ def floor_flops(config, teacher_model, student_model, batch) -> dict[str, float]
   the student's labeled loss CE(y_l, S(x_l)) before and after its update: one forward on x_l, counted twice.
   """
   rng = jax.random.key(0)
-  teacher_vars = jax.eval_shape(lambda: train_state.init_variables(rng, teacher_model, input_shape(config)))
-  student_vars = jax.eval_shape(lambda: train_state.init_variables(rng, student_model, input_shape(config)))
+  shape = workload.input_shape(config)
+  teacher_vars = jax.eval_shape(lambda: train_state.init_variables(rng, teacher_model, shape))
+  student_vars = jax.eval_shape(lambda: train_state.init_variables(rng, student_model, shape))
   x_l, y_l = batch['labeled_image'], batch['labeled_label']
   x_s = batch['unlabeled_strong']
   x_teacher = jnp.concatenate([x_l, batch['unlabeled_weak'], x_s])
@@ -221,9 +166,9 @@ def floor_flops(config, teacher_model, student_model, batch) -> dict[str, float]
 
 def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats: int) -> dict[str, Any]:
   """Compiles and times the teacher's and the student's supervised steps and `mpl_step` in each mode."""
-  teacher_model, student_model = _models(config)
-  batch = synthetic_batch(config)
-  shape = input_shape(config)
+  teacher_model, student_model = workload.model_pair(config)
+  batch = workload.synthetic_batch(config)
+  shape = workload.input_shape(config)
   rng = jax.random.key(config.seed)
   total = config.num_train_steps
   labeled, unlabeled = batch['labeled_image'].shape[0], batch['unlabeled_strong'].shape[0]
@@ -365,9 +310,9 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   result = dict(
       device=device_description(),
       workload=dict(teacher=config.model.name,
-                    student=getattr(config.student_model, 'name', '') or config.model.name,
+                    student=workload.student_model_config(config).name,
                     dtype=getattr(config.model, 'dtype', 'float32'), batch_size=config.batch_size,
-                    uda_ratio=config.uda_ratio, input_shape=list(input_shape(config)),
+                    uda_ratio=config.uda_ratio, input_shape=list(workload.input_shape(config)),
                     num_classes=config.dataset.num_classes, warmup=warmup, repeats=repeats),
       matmul=matmul, steps=steps, floor_flops=floor,
       mpl=_ratios(steps, floor, matmul))
@@ -381,13 +326,13 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
 
 def format_report(result: dict[str, Any]) -> str:
   """The benchmark as text tables (what `--json` prints as one object)."""
-  device, workload, matmul = result['device'], result['workload'], result['matmul']
+  device, job, matmul = result['device'], result['workload'], result['matmul']
   lines = [
       f"device: {device['device_kind']} ({device['platform']}), {device['num_devices']} device(s), "
       f"{device['host_cpu_count']} host CPUs, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}",
-      f"workload: teacher {workload['teacher']}, student {workload['student']}, {workload['dtype']}, "
-      f"B={workload['batch_size']}, mu={workload['uda_ratio']}, input {'x'.join(map(str, workload['input_shape']))}"
-      f", median of {workload['repeats']} steps after {workload['warmup']} warm-up",
+      f"workload: teacher {job['teacher']}, student {job['student']}, {job['dtype']}, "
+      f"B={job['batch_size']}, mu={job['uda_ratio']}, input {'x'.join(map(str, job['input_shape']))}"
+      f", median of {job['repeats']} steps after {job['warmup']} warm-up",
       f"matmul {matmul['size']}^2 float32: {matmul['flops_per_second'] / 1e9:.1f} GFLOP/s wall, "
       f"{matmul['flops_per_cpu_second'] / 1e9:.1f} GFLOP per CPU-second (best of before "
       f"{matmul['before']['flops_per_second'] / 1e9:.1f} / after {matmul['after']['flops_per_second'] / 1e9:.1f})",

@@ -8,10 +8,11 @@ is staged and every host has compiled). XLA's TPU compiler is in libtpu, and lib
 topology without any TPU attached (`jax.experimental.topologies.get_topology_desc`), so the exact program a pod
 would run can be compiled, and its memory and FLOPs read, on a laptop or a CPU-only CI machine.
 
-What is compiled is what `train.py` jits for the MPL phase: `train.guarded_step(mpl.mpl_step)` (the divergence guard
-and on-device metric sums included), with the state sharded by `sharding.state_shardings` (FSDP rules), the global
-batch by `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the state and metric sums donated,
-on the mesh `sharding.create_mesh` builds from `config.mesh` over the topology's devices. Nothing is executed.
+What is compiled is what `train.py` runs for the MPL phase, built by the same `step_builder.build_train_step`:
+`mpl.mpl_step` with the divergence guard and on-device metric sums, the state sharded by `sharding.state_shardings`
+(FSDP rules), the global batch by `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the state
+and metric sums donated, on the mesh `sharding.create_mesh` builds from `config.mesh` over the topology's devices.
+Nothing is executed, and neither the input pipeline nor TensorFlow is imported.
 
 Printed: per-device memory (arguments, outputs, temporaries, generated code, and the bytes outputs reuse from
 donated arguments), their total against the chip's HBM, FLOPs per step (XLA's cost analysis of the per-device SPMD
@@ -40,8 +41,13 @@ from typing import Any, Optional
 
 import jax
 
-from meta_pseudo_labels import benchmark
+from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
+from meta_pseudo_labels import mpl
+from meta_pseudo_labels import sharding
+from meta_pseudo_labels import step_builder
+from meta_pseudo_labels import train_state
+from meta_pseudo_labels import workload
 
 GiB = 2**30
 
@@ -191,71 +197,42 @@ def _first_line(error: BaseException) -> str:
 # ---- the compile -------------------------------------------------------------------------------------------------
 
 
-def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global MPL batch `input_pipeline` yields (summed over hosts): B labeled, two views of mu B unlabeled."""
-  return jax.eval_shape(lambda: benchmark.synthetic_batch(config))
-
-
 def lower_mpl_step(config, devices):
-  """`train.py`'s jitted MPL step (guard and metric sums included), lowered for `devices`; returns (lowered, info).
+  """The training loop's jitted MPL step (`step_builder.build_train_step`: guard and metric sums included), lowered
+  for `devices`; returns (lowered, info).
 
   Lowering needs only abstract values: the state's shapes come from `jax.eval_shape` of its initialiser.
   """
-  # train.py holds guarded_step; it imports the input pipeline (TensorFlow), acceptable for a command-line tool.
-  from meta_pseudo_labels import config_validation  # pylint: disable=g-import-not-at-top
-  from meta_pseudo_labels import models  # pylint: disable=g-import-not-at-top
-  from meta_pseudo_labels import mpl  # pylint: disable=g-import-not-at-top
-  from meta_pseudo_labels import sharding  # pylint: disable=g-import-not-at-top
-  from meta_pseudo_labels import train  # pylint: disable=g-import-not-at-top
-  from meta_pseudo_labels import train_state  # pylint: disable=g-import-not-at-top
-
   if config.method != 'mpl':
     raise errors.ConfigError(f'method: {config.method!r}; compile_check compiles the MPL step, use a config with '
                              "method='mpl'")
   config_validation.validate(config, len(devices))
   mesh = sharding.create_mesh(config.mesh, devices)
-  create = functools.partial(models.create_model, num_classes=config.dataset.num_classes,
-                             bn_group_size=config.batch_norm_group_size)
-  teacher = create(config.model)
-  student = create(config.student_model if config.student_model.name else config.model)
-  rng = jax.random.key(config.seed)
-  example_shape = benchmark.input_shape(config)
+  teacher, student = workload.model_pair(config)
+  rng = jax.eval_shape(lambda: jax.random.key(config.seed))
+  example_shape = workload.input_shape(config)
   state = jax.eval_shape(lambda r: train_state.create_mpl_state(r, config, teacher, student, example_shape), rng)
   state_shardings = sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
-  batch = abstract_batch(config)
-  batch_shardings = sharding.batch_shardings(batch, mesh)
-  replicated = sharding.replicated(mesh)
-  step = functools.partial(mpl.mpl_step, hparams=mpl.MplHparams.from_config(config))
-  _, metrics = jax.eval_shape(step, state, batch, rng)
-  accumulator = jax.eval_shape(functools.partial(train.empty_accumulator, sorted(metrics)))
-  accumulator_shardings = jax.tree.map(lambda _: replicated, accumulator)
-  jitted = jax.jit(functools.partial(train.guarded_step, step, config.on_nonfinite == 'skip'),
-                   in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
-                   out_shardings=(state_shardings, accumulator_shardings), donate_argnums=(0, 1))
-  with_sharding = lambda tree, shardings: jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-  lowered = jitted.lower(with_sharding(state, state_shardings), with_sharding(accumulator, accumulator_shardings),
-                         with_sharding(batch, batch_shardings), jax.ShapeDtypeStruct(rng.shape, rng.dtype,
-                                                                                     sharding=replicated))
-  nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  shard_bytes = lambda tree, shardings: sum(
-      math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-      for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+  batch = workload.abstract_batch(config)
+  train_step = step_builder.build_train_step(
+      functools.partial(mpl.mpl_step, hparams=mpl.MplHparams.from_config(config)), state, state_shardings, batch,
+      mesh, skip_nonfinite=config.on_nonfinite == 'skip')
+  lowered = train_step.lower(state, batch, rng)
   info = {
       'mesh': {axis: int(size) for axis, size in mesh.shape.items()},
       'teacher': config.model.name,
-      'student': config.student_model.name or config.model.name,
+      'student': workload.student_model_config(config).name,
       'dtype': config.model.dtype,
       'feedback': config.mpl.feedback,
       'batch_size': config.batch_size,
       'uda_ratio': config.uda_ratio,
       'input_shape': list(example_shape),
       'examples_per_step': config.batch_size * (1 + 2 * config.uda_ratio),
-      'state_bytes': nbytes(state),
-      'state_bytes_per_device': shard_bytes(state, state_shardings),
-      'batch_bytes_per_device': shard_bytes(batch, batch_shardings),
-      'parameters': {'teacher': sum(math.prod(x.shape) for x in jax.tree.leaves(state.teacher.params)),
-                     'student': sum(math.prod(x.shape) for x in jax.tree.leaves(state.student.params))},
+      'state_bytes': workload.tree_bytes(state),
+      'state_bytes_per_device': workload.shard_bytes(state, state_shardings),
+      'batch_bytes_per_device': workload.shard_bytes(batch, train_step.batch_shardings),
+      'parameters': {'teacher': workload.parameter_count(state.teacher.params),
+                     'student': workload.parameter_count(state.student.params)},
   }
   return lowered, info
 
@@ -274,24 +251,19 @@ def _out_of_memory(error: BaseException) -> Optional[str]:
 
 
 def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
-  """Per-device bytes of one step; `total` = arguments + outputs not aliased to a donated argument + temporaries
-  + generated code: the buffers alive at the step's peak, bounded above."""
-  stats = compiled.memory_analysis()
-  part = lambda name: int(getattr(stats, name, 0) or 0)
-  report = {
-      'arguments': part('argument_size_in_bytes'),
-      'outputs': part('output_size_in_bytes'),
-      'aliased': part('alias_size_in_bytes'),
-      'temporaries': part('temp_size_in_bytes'),
-      'generated_code': part('generated_code_size_in_bytes'),
+  """Per-device bytes of one step; `total` is `workload.memory_stats`' peak (the buffers alive at the step's peak,
+  bounded above; its docstring says why), against the device's HBM."""
+  stats = workload.memory_stats(compiled)
+  return {
+      'arguments': stats['argument_bytes'],
+      'outputs': stats['output_bytes'],
+      'aliased': stats['alias_bytes'],
+      'temporaries': stats['temp_bytes'],
+      'generated_code': stats['generated_code_bytes'],
+      'total': stats['peak_bytes'],
+      'hbm': hbm_bytes,
+      'fits': stats['peak_bytes'] <= hbm_bytes,
   }
-  total = (report['arguments'] + report['outputs'] - report['aliased'] + report['temporaries']
-           + report['generated_code'])
-  peak = part('peak_memory_in_bytes')
-  report['total'] = max(total, peak)
-  report['hbm'] = hbm_bytes
-  report['fits'] = report['total'] <= hbm_bytes
-  return report
 
 
 def check(config, topology: Topology) -> dict[str, Any]:
@@ -325,7 +297,7 @@ def check(config, topology: Topology) -> dict[str, Any]:
   result['compile_seconds'] = time.perf_counter() - start
   result['memory'] = memory_report(compiled, topology.spec.hbm_bytes_per_device)
   result['fits'] = result['memory']['fits']
-  result['flops_per_device'] = benchmark.xla_flops(compiled)
+  result['flops_per_device'] = workload.xla_flops(compiled)
   result['flops_per_step'] = result['flops_per_device'] * len(devices)
   return result
 

@@ -11,13 +11,13 @@ import numbers
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
 from meta_pseudo_labels import sharding
+from meta_pseudo_labels import step_builder
 
 METHODS = ('mpl', 'supervised', 'uda')
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
 PSEUDO_LABELS = ('hard', 'soft')
 SOURCES = ('tfds', 'folder', 'npz', 'two_moons')
 AUGMENTATIONS = ('cifar', 'imagenet', 'none')
-ON_NONFINITE = ('stop', 'skip')
 SCHEDULES = ('cosine', 'constant')
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.
 MIN_IMAGE_SIZE = 8
@@ -89,7 +89,7 @@ def validate(config, num_devices):
     raise errors.ConfigError(f'mpl.h_sign: must be 1.0 (correct sign) or -1.0 (the flipped sign of the released '
                              f'code), got {config.mpl.h_sign!r}')
   _number(config, 'mpl.baseline_rate', 0.0, 1.0)
-  _choice(config, 'on_nonfinite', ON_NONFINITE)
+  _choice(config, 'on_nonfinite', step_builder.ON_NONFINITE)
 
   # Data.
   _choice(config, 'dataset.source', SOURCES)

@@ -171,15 +171,24 @@ def batch_shardings(abstract_batch: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_batch)
 
 
-def make_global_batch(host_local_batch: Any, mesh: Mesh) -> Any:
-  """Global `jax.Array`s from this host's slice of every batch array (`input_pipeline` yields the slices).
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s of `tree`'s shapes and dtypes carrying `shardings` (what restoring and lowering take)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-  Host i holds rows [i B/n, (i+1) B/n) of a global batch of B rows on n hosts; the global shape is the local
-  one with the batch dimension times the process count. One process: the local batch is the global batch.
-  """
+
+def global_batch_shapes(host_local_batch: Any) -> Any:
+  """The global batch's `jax.ShapeDtypeStruct`s: host i holds rows [i B/n, (i+1) B/n) of B rows on n hosts, so the
+  global shape is the local one with the batch dimension times the process count."""
   process_count = jax.process_count()
-  global_shapes = jax.tree.map(
+  return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((x.shape[0] * process_count,) + x.shape[1:], x.dtype), host_local_batch)
-  shardings = batch_shardings(global_shapes, mesh)
+
+
+def make_global_batch(host_local_batch: Any, mesh: Mesh) -> Any:
+  """Global `jax.Array`s from this host's slice of every batch array (`input_pipeline` yields the slices; see
+  `global_batch_shapes`). One process: the local batch is the global batch.
+  """
+  shapes = global_batch_shapes(host_local_batch)
+  shardings = batch_shardings(shapes, mesh)
   return jax.make_array_from_process_local_data(
-      shardings, host_local_batch, jax.tree.map(lambda s: s.shape, global_shapes))
+      shardings, host_local_batch, jax.tree.map(lambda s: s.shape, shapes))

@@ -1,4 +1,4 @@
-"""The training program: phases, logging, evaluation cadence, checkpoints, the divergence guard, results.json.
+"""The training program: phases, logging, evaluation cadence, checkpoints, divergence handling, results.json.
 
 `train_and_evaluate(config, workdir)` runs, by `config.method`:
 - 'mpl': the MPL phase (teacher and student, `num_train_steps`, Pham et al. Sec. 2-3), then the student's
@@ -16,11 +16,12 @@ Reliability, by design:
   replays exactly what an uninterrupted run computes.
 - The host waits for the device only at sync points (log, eval and checkpoint steps, the phase end, a preemption):
   metrics are summed on the device by the jitted step and fetched there, one transfer per sync.
-- Divergence guard: every step computes whether all its metrics (losses and gradient norms) are finite.
-  `on_nonfinite='skip'` discards a non-finite step's update inside the jitted step (the state keeps its previous
-  values, only the step counter moves on; skips are counted). 'stop' raises a TrainingError naming the first
-  non-finite step and term at the next sync point. Every save is preceded by a sync, so no checkpoint ever holds a
-  diverged state and the last good one stays intact.
+- Divergence guard (built into the jitted step by `step_builder.py`): every step computes whether all its metrics
+  (losses and gradient norms) and its new state are finite. `on_nonfinite='skip'` discards a non-finite step's
+  update inside the jitted step (the state keeps its previous values, only the step counter moves on; skips are
+  counted). 'stop' raises a TrainingError naming the first non-finite step and term at the next sync point.
+  Every save is preceded by a sync, so no checkpoint ever holds a diverged state and the last good one stays
+  intact.
 - SIGTERM / preemption: the loop saves at the next step boundary (on every host at the same step) and raises
   `errors.Preempted`; rerunning the same command resumes.
 """
@@ -37,18 +38,18 @@ from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from meta_pseudo_labels import checkpoint
 from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import input_pipeline
-from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import reporting
 from meta_pseudo_labels import sharding
+from meta_pseudo_labels import step_builder
 from meta_pseudo_labels import train_state
+from meta_pseudo_labels import workload
 
 RESULTS_FILENAME = 'results.json'
 
@@ -88,66 +89,7 @@ class Phase:
   eval_models: Callable[[Any], dict]     # state -> {name: (apply_fn, variables)}
 
 
-# ---- the jitted step: update, divergence guard, on-device metric sums -------------------------------------------
-
-
-UPDATED_STATE_TERM = 'updated state'   # the guard's name for "the step's new parameters/statistics"
-
-
-def guard_terms(metric_names):
-  """The quantities the divergence guard checks, in the order of its flags: every metric, then the new state."""
-  return sorted(metric_names) + [UPDATED_STATE_TERM]
-
-
-def _finite_flags(metrics, new_state):
-  """One flag per guard term: metrics (losses, gradient norms) and, so that no checkpoint holds an overflowed
-  state whose step still had finite losses, all floating-point arrays of the new state."""
-  float_leaves = [x for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  state_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in float_leaves]))
-  return jnp.stack([jnp.isfinite(metrics[name]) for name in sorted(metrics)] + [state_finite])
-
-
-def guarded_step(step_fn, skip_nonfinite, state, accumulator, batch, rng):
-  """`step_fn` plus the divergence guard and metric accumulation (see the module docstring).
-
-  `accumulator`: {'sums': metric sums over finite steps, 'finite_steps', 'nonfinite_steps', 'first_bad_step' (-1:
-  none; else the loop's 1-based number of that step, the number a checkpoint after it would carry),
-  'first_bad_terms' (one bool per `guard_terms`, at that step)}.
-  """
-  new_state, metrics = step_fn(state, batch, rng)
-  names = sorted(metrics)
-  finite_terms = _finite_flags(metrics, new_state)
-  finite = jnp.all(finite_terms)
-  if skip_nonfinite:
-    # Keep every value of the old state; only the step counter advances, so the data moves on past the batch.
-    kept = state.replace(step=new_state.step)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
-  first = (accumulator['first_bad_step'] < 0) & ~finite
-  accumulator = {
-      'sums': {name: accumulator['sums'][name] + jnp.where(finite, metrics[name], 0.0) for name in names},
-      'finite_steps': accumulator['finite_steps'] + finite.astype(jnp.int32),
-      'nonfinite_steps': accumulator['nonfinite_steps'] + (~finite).astype(jnp.int32),
-      'first_bad_step': jnp.where(first, state.step + 1, accumulator['first_bad_step']),
-      'first_bad_terms': jnp.where(first, ~finite_terms, accumulator['first_bad_terms']),
-  }
-  return new_state, accumulator
-
-
-def empty_accumulator(metric_names):
-  return {
-      'sums': {name: jnp.zeros((), jnp.float32) for name in metric_names},
-      'finite_steps': jnp.zeros((), jnp.int32),
-      'nonfinite_steps': jnp.zeros((), jnp.int32),
-      'first_bad_step': jnp.full((), -1, jnp.int32),
-      'first_bad_terms': jnp.zeros((len(metric_names) + 1,), bool),
-  }
-
-
 # ---- helpers ----------------------------------------------------------------------------------------------------
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def _flatten(tree, prefix=''):
@@ -178,20 +120,13 @@ def _prepare_workdir(workdir):
   return path
 
 
-def _model_config(config, field):
-  return config.student_model if field == 'student_model' and config.student_model.name else config.model
-
-
 # ---- phases -----------------------------------------------------------------------------------------------------
 
 
 def _phases(config, pipeline):
   """The phases of `config.method` (see the module docstring), on one global step axis."""
-  num_classes, input_shape = pipeline.num_classes, pipeline.input_shape
-  create = functools.partial(models.create_model, num_classes=num_classes,
-                             bn_group_size=config.batch_norm_group_size)
-  teacher_model = create(config.model)
-  student_model = create(_model_config(config, 'student_model'))
+  input_shape = pipeline.input_shape
+  teacher_model, student_model = workload.model_pair(config)
   steps = config.num_train_steps
 
   if config.method == 'mpl':
@@ -269,7 +204,7 @@ class _Run:
     nonfinite = int(values['nonfinite_steps'])
     if nonfinite:
       bad_step = int(values['first_bad_step'])
-      terms = [name for name, bad in zip(guard_terms(metric_names), values['first_bad_terms']) if bad]
+      terms = [name for name, bad in zip(step_builder.guard_terms(metric_names), values['first_bad_terms']) if bad]
       if self.config.on_nonfinite == 'stop':
         kept = (f'checkpoint {last_saved} in {self.workdir}/checkpoints/{phase.name} is the last good one and is '
                 'kept' if last_saved is not None else 'no checkpoint of this phase was saved yet')
@@ -301,7 +236,7 @@ class _Run:
     state_shardings = sharding.state_shardings(abstract_state, self.mesh, config.mesh.fsdp_min_size)
     ckpt = checkpoint.Checkpointer(self.workdir / 'checkpoints' / phase.name, keep=config.keep_checkpoints)
     try:
-      restored = ckpt.restore(None, _with_shardings(abstract_state, state_shardings))
+      restored = ckpt.restore(None, sharding.with_shardings(abstract_state, state_shardings))
       if restored is None:
         state = jax.jit(phase.init, out_shardings=state_shardings)(init_rng, source)
         start = 0
@@ -322,21 +257,10 @@ class _Run:
     config = self.config
     batches = phase.batches(start)
     first_batch = next(batches)
-    abstract_batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype), first_batch)
-    batch_shardings = sharding.batch_shardings(abstract_batch, self.mesh)
-    replicated = sharding.replicated(self.mesh)
-    _, abstract_metrics = jax.eval_shape(phase.step, state, abstract_batch, step_rng)
-    metric_names = sorted(abstract_metrics)
-    accumulator_shardings = jax.tree.map(lambda _: replicated, empty_accumulator(metric_names))
-    train_step = jax.jit(
-        functools.partial(guarded_step, phase.step, config.on_nonfinite == 'skip'),
-        in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
-        out_shardings=(state_shardings, accumulator_shardings),
-        donate_argnums=(0, 1))
-    new_accumulator = jax.jit(functools.partial(empty_accumulator, metric_names),
-                              out_shardings=accumulator_shardings)
-    accumulator = new_accumulator()
+    train_step = step_builder.build_train_step(phase.step, state, state_shardings,
+                                               sharding.global_batch_shapes(first_batch), self.mesh,
+                                               skip_nonfinite=config.on_nonfinite == 'skip')
+    accumulator = train_step.new_accumulator()
 
     last_saved = start or None   # the checkpoint this run resumed from
     logging.info('%s: training steps %d..%d', phase.name, start + 1, phase.num_steps)
@@ -347,7 +271,7 @@ class _Run:
         host_batch = next(batches)
       batch = sharding.make_global_batch(host_batch, self.mesh)
       host_batch = None
-      state, accumulator = train_step(state, accumulator, batch, step_rng)
+      state, accumulator = train_step.step(state, accumulator, batch, step_rng)
 
       preempted = ckpt.reached_preemption(step)
       is_log = step % config.log_every_steps == 0
@@ -356,8 +280,8 @@ class _Run:
       if not (is_log or is_eval or is_save):
         _fault_point(phase.name, step, ckpt)
         continue
-      self._sync(phase, step, accumulator, metric_names, last_saved)   # raises on divergence before any save
-      accumulator = new_accumulator()
+      self._sync(phase, step, accumulator, train_step.metric_names, last_saved)   # raises on divergence before any save
+      accumulator = train_step.new_accumulator()
       global_step = phase.global_offset + step
       if is_log:
         self.reporter.progress(global_step)

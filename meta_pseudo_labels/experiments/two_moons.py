@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import models
 from meta_pseudo_labels import mpl
 from meta_pseudo_labels import synthetic
 from meta_pseudo_labels import train_state
+from meta_pseudo_labels import workload
 
 RESULTS_FILE = 'two_moons_results.json'
 TABLE_FILE = 'two_moons_table.md'
@@ -312,10 +312,6 @@ def _probability_fn(model, variables):
   return lambda grid: apply(jnp.asarray(grid))
 
 
-def _student_model_config(config):
-  return config.student_model if config.student_model.name else config.model
-
-
 def _method_result(name, config, teacher_model, student_model, points, labels, seed_keys):
   """Runs method `name` over all seeds; returns (its results entry, its figure panel, the labeled indices)."""
   start = time.time()
@@ -353,9 +349,7 @@ def run(config, workdir):
   points, labels = np.asarray(points, np.float32), np.asarray(labels, np.int32)
   _check(config, labels)
   names = method_names(config)
-  num_classes = config.dataset.num_classes
-  teacher_model = models.create_model(config.model, num_classes)
-  student_model = models.create_model(_student_model_config(config), num_classes)
+  teacher_model, student_model = workload.model_pair(config)
   seeds = list(range(config.sweep.num_seeds))
   seed_keys = jax.tree.map(lambda *keys: jnp.stack(keys), *[_seed_keys(config, seed) for seed in seeds])
 

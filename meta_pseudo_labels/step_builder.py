@@ -1,0 +1,122 @@
+"""The jitted training step: a pure step plus the divergence guard and on-device metric sums, sharded and donated.
+
+`train` runs this step, `compile_check` lowers the very same one for a TPU topology it does not have (the MaxText
+pattern: the ahead-of-time check compiles the trainer's own step, not a copy of it). Both get it from
+`build_train_step`, so what is checked is what runs.
+
+What one call of the built step does, on the devices, with no host transfer:
+- runs `step_fn(state, batch, rng) -> (state, metrics)` (an `mpl.py` step);
+- the divergence guard: one flag per `guard_terms` (every metric, then all floating-point arrays of the new state)
+  says whether it is finite. With `skip_nonfinite` (`config.on_nonfinite='skip'`) a step with any non-finite term
+  keeps every value of the old state and only advances the step counter, so the data moves on past the batch;
+  otherwise the new state is kept and the loop stops at its next sync (`on_nonfinite='stop'`, see `train.py`);
+- adds the finite steps' metrics to the accumulator's sums and counts finite and non-finite steps, recording the
+  first non-finite step and its terms, so the host fetches one small tree per sync point instead of every step's
+  metrics.
+The state and the accumulator are donated: both are updated in place.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from meta_pseudo_labels import sharding
+
+ON_NONFINITE = ('stop', 'skip')        # config.on_nonfinite: what the guard does with a non-finite step
+UPDATED_STATE_TERM = 'updated state'   # the guard's name for "the step's new parameters/statistics"
+
+
+def guard_terms(metric_names):
+  """The quantities the divergence guard checks, in the order of its flags: every metric, then the new state."""
+  return sorted(metric_names) + [UPDATED_STATE_TERM]
+
+
+def _finite_flags(metrics, new_state):
+  """One flag per guard term: metrics (losses, gradient norms) and, so that no checkpoint holds an overflowed
+  state whose step still had finite losses, all floating-point arrays of the new state."""
+  float_leaves = [x for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  state_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in float_leaves]))
+  return jnp.stack([jnp.isfinite(metrics[name]) for name in sorted(metrics)] + [state_finite])
+
+
+def guarded_step(step_fn, skip_nonfinite, state, accumulator, batch, rng):
+  """`step_fn` plus the divergence guard and metric accumulation (see the module docstring).
+
+  `accumulator`: {'sums': metric sums over finite steps, 'finite_steps', 'nonfinite_steps', 'first_bad_step' (-1:
+  none; else the loop's 1-based number of that step, the number a checkpoint after it would carry),
+  'first_bad_terms' (one bool per `guard_terms`, at that step)}.
+  """
+  new_state, metrics = step_fn(state, batch, rng)
+  names = sorted(metrics)
+  finite_terms = _finite_flags(metrics, new_state)
+  finite = jnp.all(finite_terms)
+  if skip_nonfinite:
+    # Keep every value of the old state; only the step counter advances, so the data moves on past the batch.
+    kept = state.replace(step=new_state.step)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+  first = (accumulator['first_bad_step'] < 0) & ~finite
+  accumulator = {
+      'sums': {name: accumulator['sums'][name] + jnp.where(finite, metrics[name], 0.0) for name in names},
+      'finite_steps': accumulator['finite_steps'] + finite.astype(jnp.int32),
+      'nonfinite_steps': accumulator['nonfinite_steps'] + (~finite).astype(jnp.int32),
+      'first_bad_step': jnp.where(first, state.step + 1, accumulator['first_bad_step']),
+      'first_bad_terms': jnp.where(first, ~finite_terms, accumulator['first_bad_terms']),
+  }
+  return new_state, accumulator
+
+
+def empty_accumulator(metric_names):
+  return {
+      'sums': {name: jnp.zeros((), jnp.float32) for name in metric_names},
+      'finite_steps': jnp.zeros((), jnp.int32),
+      'nonfinite_steps': jnp.zeros((), jnp.int32),
+      'first_bad_step': jnp.full((), -1, jnp.int32),
+      'first_bad_terms': jnp.zeros((len(metric_names) + 1,), bool),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The built step and what its callers need around it."""
+  step: Callable[[Any, Any, Any, Any], Any]   # jitted (state, accumulator, batch, rng) -> (state, accumulator)
+  new_accumulator: Callable[[], Any]          # jitted () -> a zeroed accumulator, replicated on the mesh
+  metric_names: list[str]                     # sorted names of the step's metrics (the accumulator's sums)
+  state_shardings: Any
+  accumulator_shardings: Any
+  batch_shardings: Any
+  rng_sharding: Any
+
+  def lower(self, state, batch, rng):
+    """The step lowered for abstract (or concrete) arguments of these shardings: nothing runs or is allocated."""
+    accumulator = jax.eval_shape(self.new_accumulator)
+    return self.step.lower(sharding.with_shardings(state, self.state_shardings),
+                           sharding.with_shardings(accumulator, self.accumulator_shardings),
+                           sharding.with_shardings(batch, self.batch_shardings),
+                           sharding.with_shardings(rng, self.rng_sharding))
+
+
+def build_train_step(step_fn, state, state_shardings, batch, mesh, *, skip_nonfinite) -> TrainStep:
+  """`guarded_step(step_fn)` jitted with the state sharded by `state_shardings`, the global `batch` by
+  `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the accumulator and the rng replicated,
+  and the state and accumulator donated.
+
+  `state` and `batch` may be abstract (`jax.eval_shape`, `jax.ShapeDtypeStruct`) or concrete: only their shapes
+  and dtypes are read, to find the step's metrics.
+  """
+  replicated = sharding.replicated(mesh)
+  batch_shardings = sharding.batch_shardings(batch, mesh)
+  _, metrics = jax.eval_shape(step_fn, state, batch, jax.random.key(0))
+  metric_names = sorted(metrics)
+  accumulator_shardings = jax.tree.map(lambda _: replicated,
+                                       jax.eval_shape(functools.partial(empty_accumulator, metric_names)))
+  step = jax.jit(functools.partial(guarded_step, step_fn, skip_nonfinite),
+                 in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
+                 out_shardings=(state_shardings, accumulator_shardings),
+                 donate_argnums=(0, 1))
+  new_accumulator = jax.jit(functools.partial(empty_accumulator, metric_names), out_shardings=accumulator_shardings)
+  return TrainStep(step=step, new_accumulator=new_accumulator, metric_names=metric_names,
+                   state_shardings=state_shardings, accumulator_shardings=accumulator_shardings,
+                   batch_shardings=batch_shardings, rng_sharding=replicated)
