@@ -1,0 +1,129 @@
+"""Rematerialisation (`model.remat`, models/remat.py): the same MPL step, less memory.
+
+For WRN-10-1 MPL steps in every feedback mode and EfficientNet-B0's in hard_taylor and exact (the second-order pass
+through the student), each policy gives the loss, metrics, gradients and new state of 'none' (float32; XLA:CPU gives them
+bitwise, which the test asserts); and each lowers the step's compiled temporaries (XLA's memory analysis on CPU)
+by the factors in MEMORY_FACTORS. The gradients are read from the optimizer state: with momentum and no weight decay
+or clipping, the first step's momentum trace is the gradient itself.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10_4k
+from meta_pseudo_labels import config_validation
+from meta_pseudo_labels import errors
+from meta_pseudo_labels import models
+from meta_pseudo_labels import mpl
+from meta_pseudo_labels import train_state
+import mpl_test_models as tm
+
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+SGD = tm.optimizer_config(learning_rate=0.1, momentum=0.9)   # trace after one step = the gradient
+CASES = {'wrn10_1': (8, 8, 3), 'efficientnet-b0': (16, 16, 3)}
+LABELED = 4
+POLICIES = [p for p in models.REMAT_POLICIES if p != 'none']
+
+
+def model(name, policy):
+  config = types.SimpleNamespace(name=name, dropout_rate=0.2, bn_momentum=0.99, drop_connect_rate=0.2,
+                                 dtype='float32', remat=policy)
+  return models.create_model(config, 10)
+
+
+def mpl_step(name, policy, feedback):
+  """(compiled step, state, batch) of the MPL step of registry model `name` under `policy`, from seed 0."""
+  net, shape = model(name, policy), CASES[name]
+  state = jax.jit(lambda r: train_state.create_mpl_state(r, tm.mpl_config(SGD, SGD), net, net, shape),
+                  compiler_options=FAST_COMPILE)(jax.random.key(0))
+  batch = tm.make_batch(jax.random.key(1), shape, labeled=LABELED, mu=1, num_classes=10)
+  hparams = mpl.MplHparams(feedback=feedback, label_smoothing=0.1, uda=mpl.UdaHparams(8.0, 0.7, 0.6, 5),
+                           ema_decay=0.99, baseline_rate=0.1)
+  step = jax.jit(functools.partial(mpl.mpl_step, hparams=hparams), compiler_options=FAST_COMPILE)
+  return step.lower(state, batch, jax.random.key(2)).compile(), state, batch
+
+
+@functools.cache
+def step_result(name, policy, feedback):
+  compiled, state, batch = mpl_step(name, policy, feedback)
+  return jax.tree.map(np.asarray, compiled(state, batch, jax.random.key(2)))
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_policies_keep_the_variables(name):
+  shapes = lambda policy: jax.tree.map(lambda a: (a.shape, a.dtype), jax.eval_shape(
+      lambda: model(name, policy).init({'params': jax.random.key(0)}, np.zeros((1, *CASES[name])), train=False)))
+  assert all(shapes(policy) == shapes('none') for policy in POLICIES)   # checkpoints restore across policies
+
+
+# EfficientNet-B0's steps cost some 10x WRN-10-1's to compile: its first-order (hard_taylor) and second-order
+# (exact) steps run here, the other two modes differ from hard_taylor only in the teacher's feedback term.
+MODES = {'wrn10_1': mpl.FEEDBACK_MODES, 'efficientnet-b0': ('hard_taylor', 'exact')}
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+@pytest.mark.parametrize('name, feedback', [(name, mode) for name, modes in MODES.items() for mode in modes])
+def test_remat_step_equals_the_plain_step(name, feedback, policy):
+  (new_state, metrics), (plain_state, plain_metrics) = (step_result(name, policy, feedback),
+                                                         step_result(name, 'none', feedback))
+  assert metrics.keys() == plain_metrics.keys() and np.isfinite(plain_metrics['teacher/loss'])
+  for key in metrics:
+    assert np.array_equal(metrics[key], plain_metrics[key]), key
+  gradients = lambda s: (s.teacher.opt_state, s.student.opt_state)
+  assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(gradients(plain_state)))
+  # Bitwise on XLA:CPU: the recomputed forward runs the same ops on the same values (dropout and drop-connect
+  # masks included: the block's rngs are lifted into the checkpoint); 1e-6 relative would be the fallback.
+  for leaf, plain in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
+    np.testing.assert_array_equal(leaf, plain)
+
+
+# Temporaries of the hard_taylor step with remat / without (XLA:CPU memory analysis, in a subprocess that turns off
+# XLA:CPU's concurrency-optimised scheduler: that scheduler runs the recomputed forward as early as its inputs
+# allow, i.e. during the forward pass, which keeps every recomputed activation alive and undoes the saving; the
+# memory-minimising scheduler XLA:TPU and XLA:GPU use does not). Measured factors: see docs/SCALING.md.
+MEMORY_FACTORS = {('wrn10_1', 'block'): 1.3, ('wrn10_1', 'dots'): 1.2,
+                  ('efficientnet-b0', 'block'): 1.3, ('efficientnet-b0', 'dots'): 1.2}
+MEASURE = """
+import json, sys
+sys.path[:0] = {paths!r}
+import test_remat
+print(json.dumps({{p: test_remat.mpl_step({name!r}, p, 'hard_taylor')[0].memory_analysis().temp_size_in_bytes
+                  for p in ['none'] + test_remat.POLICIES}}))
+"""
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_remat_lowers_the_temporaries(name):
+  here = pathlib.Path(__file__).resolve().parent
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_cpu_enable_concurrency_optimized_scheduler=false')
+  out = subprocess.run([sys.executable, '-c', MEASURE.format(paths=[str(here), str(here.parent)], name=name)],
+                       env=env, capture_output=True, text=True, timeout=600, check=True)
+  temps = json.loads(out.stdout.strip().splitlines()[-1])
+  print(name, {p: f"{temps['none'] / temps[p]:.2f}x" for p in POLICIES}, temps)
+  for policy in POLICIES:
+    assert temps['none'] >= MEMORY_FACTORS[name, policy] * temps[policy], (policy, temps)
+
+
+def test_unknown_policy_is_a_one_line_error():
+  with pytest.raises(errors.ConfigError, match=r"model.remat: unknown rematerialisation policy 'all'; choose one "
+                                               r"of \['none', 'block', 'dots'\]"):
+    model('wrn10_1', 'all')
+  config = cifar10_4k.get_config()
+  config.model.remat = 'blocks'
+  with pytest.raises(errors.ConfigError, match=r"model.remat: unknown value 'blocks'; choose one of \['none'"):
+    config_validation.validate(config, 1)
+  config = cifar10_4k.get_config()
+  config.student_model.remat = 'block'
+  with pytest.raises(errors.ConfigError, match='student_model.remat: .* applies only with student_model.name set'):
+    config_validation.validate(config, 1)
+  config.student_model.name = 'wrn28_2'
+  config_validation.validate(config, 1)
