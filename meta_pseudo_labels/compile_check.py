@@ -16,7 +16,11 @@ Nothing is executed, and neither the input pipeline nor TensorFlow is imported.
 
 Printed: per-device memory (arguments, outputs, temporaries, generated code, and the bytes outputs reuse from
 donated arguments), their total against the chip's HBM, FLOPs per step (XLA's cost analysis of the per-device SPMD
-program, and times the device count), and whether the step fits. A step that does not fit is reported as such with
+program, and times the device count), the largest HBM allocations (XLA's buffer assignment, read from the
+memory-usage report the compiler dumps into a temporary directory), and whether the step fits. `--json` prints the
+same as one JSON object with every key of `RESULT_KEYS` always present (null where a figure does not exist) and
+sorted, so two runs compare key by key. A step that does not fit is reported as such, in one line that names the
+largest buffers, with
 the compiler's own figures (XLA:TPU refuses to compile a program that exceeds HBM), exit status 1; user errors
 (unknown topology, a mesh that does not divide the devices, libtpu missing) are one line and exit status 2.
 
