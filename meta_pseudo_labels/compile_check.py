@@ -20,9 +20,9 @@ program, and times the device count), the largest HBM allocations (XLA's buffer 
 memory-usage report the compiler dumps into a temporary directory), and whether the step fits. `--json` prints the
 same as one JSON object with every key of `RESULT_KEYS` always present (null where a figure does not exist) and
 sorted, so two runs compare key by key. A step that does not fit is reported as such, in one line that names the
-largest buffers, with
-the compiler's own figures (XLA:TPU refuses to compile a program that exceeds HBM), exit status 1; user errors
-(unknown topology, a mesh that does not divide the devices, libtpu missing) are one line and exit status 2.
+largest buffers, with the compiler's own figures (XLA:TPU refuses to compile a program that exceeds HBM), exit
+status 1; user errors (unknown topology, a mesh that does not divide the devices, libtpu missing) are one line and
+exit status 2.
 
 Topologies: `v4-N`, `v5p-N` (N TensorCores, two per chip, one megacore device per chip, 3-D torus), `v5e-N`,
 `v6e-N` (N chips, one core each, 2-D), `v3-N` (N cores, two devices per chip, 2-D); N a power of two (v4-8,
