@@ -1,10 +1,11 @@
 """Rematerialisation (`model.remat`, models/remat.py): the same MPL step, less memory.
 
 For WRN-10-1 MPL steps in every feedback mode and EfficientNet-B0's in hard_taylor and exact (the second-order pass
-through the student), each policy gives the loss, metrics, gradients and new state of 'none' (float32; XLA:CPU gives them
-bitwise, which the test asserts); and each lowers the step's compiled temporaries (XLA's memory analysis on CPU)
-by the factors in MEMORY_FACTORS. The gradients are read from the optimizer state: with momentum and no weight decay
-or clipping, the first step's momentum trace is the gradient itself.
+through the student), each policy gives the loss, metrics, gradients and new state of 'none' (float32: bitwise for
+WRN, within RTOL relative for EfficientNet-B0, whose recomputed blocks XLA:CPU fuses differently); and each lowers
+the step's compiled temporaries (XLA's memory analysis on CPU) by the factors in MEMORY_FACTORS. The gradients are
+read from the optimizer state: with momentum and no weight decay or clipping, the first step's momentum trace is
+the gradient itself.
 """
 
 import functools
@@ -30,8 +31,10 @@ POLICIES = [p for p in models.REMAT_POLICIES if p != 'none']
 # Smallest factor (temporaries with 'none' / with the policy) over the modes, measured on the 2-core VM (the
 # figures are in docs/SCALING.md), rounded down. The workloads are tiny, so weights and their gradients are a
 # large share of the temporaries and the factors are far below a pod workload's.
+BITWISE = {'wrn10_1'}   # models whose remat steps equal 'none' bitwise on XLA:CPU (the others within RTOL)
+RTOL = 1e-5
 MEMORY_FACTORS = {('wrn10_1', 'block'): 1.1, ('wrn10_1', 'dots'): 1.3,
-                  ('efficientnet-b0', 'block'): 1.0, ('efficientnet-b0', 'dots'): 1.0}
+                  ('efficientnet-b0', 'block'): 1.0, ('efficientnet-b0', 'dots'): 1.0}   # B0: not yet measured
 
 
 def model(name, policy):
@@ -78,14 +81,21 @@ def test_remat_step_equals_the_plain_step(name, feedback, policy):
   ((new_state, metrics), temps), ((plain_state, plain_metrics), plain_temps) = (
       step_result(name, policy, feedback), step_result(name, 'none', feedback))
   assert metrics.keys() == plain_metrics.keys() and np.isfinite(plain_metrics['teacher/loss'])
-  for key in metrics:
-    assert np.array_equal(metrics[key], plain_metrics[key]), key
   gradients = lambda s: (s.teacher.opt_state, s.student.opt_state)
   assert any(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(gradients(plain_state)))
-  # Bitwise on XLA:CPU: the recomputed forward runs the same ops on the same values (dropout and drop-connect
-  # masks included: the block's rngs are lifted into the checkpoint); 1e-6 relative would be the fallback.
-  for leaf, plain in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
-    np.testing.assert_array_equal(leaf, plain)
+  pairs = [(metrics[key], plain_metrics[key]) for key in sorted(metrics)]
+  pairs += list(zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)))
+  if name in BITWISE:
+    # The recomputed forward runs the same ops on the same values (dropout and drop-connect masks included: the
+    # block's rngs are lifted into the checkpoint), and XLA:CPU fuses them alike: bitwise.
+    assert all(np.array_equal(leaf, plain) for leaf, plain in pairs)
+  else:
+    # EfficientNet's recomputed blocks are fused differently (BatchNorm and squeeze-and-excitation means summed in
+    # another order): teacher/grad_norm 7151.257 (block) / 7151.2554 (dots) against 7151.2754, 2.6e-6 and 2.8e-6
+    # relative, on the 2-core VM. Leaves are compared by norm, relative to the plain leaf's.
+    for leaf, plain in pairs:
+      leaf, plain = np.asarray(leaf, np.float64), np.asarray(plain, np.float64)
+      assert np.linalg.norm(leaf - plain) <= RTOL * max(np.linalg.norm(plain), 1e-30)
   # Less memory: XLA:CPU's compiled temporaries (conftest.py selects the memory-minimising scheduler).
   print(f'{name} {feedback} {policy}: temporaries {plain_temps} -> {temps} B, {plain_temps / temps:.2f}x less')
   assert plain_temps >= MEMORY_FACTORS[name, policy] * temps, (plain_temps, temps)
