@@ -64,8 +64,10 @@ def get_base_config():
       bn_momentum=0.99,
       drop_connect_rate=0.0,    # EfficientNet only
       dtype='float32',          # compute dtype ('bfloat16' on TPU); params stay float32
+      remat='none',             # rematerialisation of every block: 'none', 'block', 'dots' (models/remat.py)
   ))
-  config.student_model = ml_collections.ConfigDict(dict(name=''))  # '' = same as `model`; else full override
+  # name '' = the student is `model` (its remat included); else a full override: its own name and remat.
+  config.student_model = ml_collections.ConfigDict(dict(name='', remat='none'))
   # Warm starts (ours; warm_start.py): start a network from a trained one, its parameters and BatchNorm statistics
   # (not its optimizer). '' = fresh init; else a workdir 'W' (its final network), 'W:<network>' (teacher, student,
   # student_ema, student_finetuned, model, model_ema), 'W:<phase>' (mpl, finetune, supervised, uda: that phase's

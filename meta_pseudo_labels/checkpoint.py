@@ -43,6 +43,9 @@ STATE_DEFINING_FIELDS = (
 )
 # Fields whose zero / non-zero choice adds or removes a stage of the optimizer chain (optimizers.create_optimizer),
 # hence a node of the optimizer state: only that choice must match, the value may change.
+# Fields inside STATE_DEFINING_FIELDS' subtrees that change memory and FLOPs only, not the state: a run may resume
+# with another rematerialisation policy (and a workdir written before the field existed resumes).
+STATE_FREE_FIELDS = ('model.remat', 'student_model.remat')
 STATE_SWITCH_FIELDS = tuple(f'{optimizer}.{field}'
                             for optimizer in ('teacher_optimizer', 'student_optimizer', 'finetune.optimizer')
                             for field in ('weight_decay', 'grad_clip_norm'))
@@ -87,6 +90,11 @@ def check_compatible(workdir, config_dict):
     raise errors.CheckpointError(
         f'{path}: unreadable ({e}); restore it or use a new --workdir') from None
   config_dict = json.loads(json.dumps(config_dict))   # as config.json stores it (tuples become lists)
+  for tree in (saved, config_dict):
+    for name in STATE_FREE_FIELDS:
+      parent, _, key = name.rpartition('.')
+      if isinstance(_lookup(tree, parent), dict):
+        _lookup(tree, parent).pop(key, None)
   clashes = [name for name in STATE_DEFINING_FIELDS if _lookup(saved, name) != _lookup(config_dict, name)]
   clashes += [name for name in STATE_SWITCH_FIELDS if bool(_lookup(saved, name)) != bool(_lookup(config_dict, name))]
   if clashes:

@@ -16,9 +16,13 @@ Nothing is executed, and neither the input pipeline nor TensorFlow is imported.
 
 Printed: per-device memory (arguments, outputs, temporaries, generated code, and the bytes outputs reuse from
 donated arguments), their total against the chip's HBM, FLOPs per step (XLA's cost analysis of the per-device SPMD
-program, and times the device count), and whether the step fits. A step that does not fit is reported as such with
-the compiler's own figures (XLA:TPU refuses to compile a program that exceeds HBM), exit status 1; user errors
-(unknown topology, a mesh that does not divide the devices, libtpu missing) are one line and exit status 2.
+program, and times the device count), the largest HBM allocations (XLA's buffer assignment, read from the
+memory-usage report the compiler dumps into a temporary directory), and whether the step fits. `--json` prints the
+same as one JSON object with every key of `RESULT_KEYS` always present (null where a figure does not exist) and
+sorted, so two runs compare key by key. A step that does not fit is reported as such, in one line that names the
+largest buffers, with the compiler's own figures (XLA:TPU refuses to compile a program that exceeds HBM), exit
+status 1; user errors (unknown topology, a mesh that does not divide the devices, libtpu missing) are one line and
+exit status 2.
 
 Topologies: `v4-N`, `v5p-N` (N TensorCores, two per chip, one megacore device per chip, 3-D torus), `v5e-N`,
 `v6e-N` (N chips, one core each, 2-D), `v3-N` (N cores, two devices per chip, 2-D); N a power of two (v4-8,
@@ -34,8 +38,10 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import re
 import sys
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -224,6 +230,7 @@ def lower_mpl_step(config, devices):
       'student': workload.student_model_config(config).name,
       'dtype': config.model.dtype,
       'feedback': config.mpl.feedback,
+      'remat': {'teacher': config.model.remat, 'student': workload.student_model_config(config).remat},
       'batch_size': config.batch_size,
       'uda_ratio': config.uda_ratio,
       'input_shape': list(example_shape),
@@ -266,35 +273,71 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
   }
 
 
+# The report's keys, always all present (None where a figure does not exist, e.g. memory after an out-of-memory
+# compile), so that a script can compare two `--json` outputs key by key. Bump JSON_SCHEMA when a key changes.
+JSON_SCHEMA = 1
+RESULT_KEYS = ('schema', 'topology', 'libtpu_topology', 'num_slices', 'device_kind', 'num_devices', 'num_hosts',
+               'hbm_bytes_per_device', 'workload', 'lower_seconds', 'compile_seconds', 'fits', 'memory',
+               'flops_per_device', 'flops_per_step', 'compiler_message', 'compiler_required', 'compiler_available',
+               'largest_buffers')
+LARGEST_BUFFERS = 5
+_UNITS = {'B': 1, 'KiB': 2**10, 'MiB': 2**20, 'GiB': 2**30, 'TiB': 2**40}
+# A row of the memory-usage report XLA dumps after buffer assignment (`--xla_dump_to`), largest allocation first:
+#   "   15.00GiB( 43%);    7.50GiB;   8053063680;    8; bf16[117440512,2], 2×f32[251658240,2], ..."
+_REPORT_ROW = re.compile(r'\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(\w+);\s*\d+;\s*(\d+);\s*(.*)$')
+
+
+def largest_buffers(dump_dir: str, count: int = LARGEST_BUFFERS) -> list[dict[str, Any]]:
+  """The `count` largest HBM allocations of the step from XLA's buffer assignment, largest first.
+
+  Read from the memory-usage report the TPU compiler writes to `dump_dir` (it writes it before it checks the total
+  against HBM, so it exists for a step that does not fit too): each allocation's bytes, how many HLO values share
+  it over the step, and their shapes (layout padding included in the bytes)."""
+  reports = sorted(pathlib.Path(dump_dir).glob('*guarded_step*memory-usage-report.txt'))
+  rows = []
+  for line in reports[-1].read_text().splitlines()[1:] if reports else ():
+    if line.startswith('Memory Space'):   # the next memory space (host, ...) after HBM's, the default
+      break
+    row = _REPORT_ROW.match(line)
+    if row:
+      rows.append({'bytes': round(float(row.group(1)) * _UNITS.get(row.group(2), 1)),
+                   'values': int(row.group(3)), 'shapes': row.group(4).strip()})
+  return rows[:count]
+
+
 def check(config, topology: Topology) -> dict[str, Any]:
-  """Compiles the MPL step for `topology`; returns a report (see `format_report`). Raises MplError on user errors."""
+  """Compiles the MPL step for `topology`; returns a report with `RESULT_KEYS` (see `format_report`). Raises MplError
+  on user errors."""
   devices = topology_devices(topology)
   start = time.perf_counter()
   lowered, info = lower_mpl_step(config, devices)
-  lower_seconds = time.perf_counter() - start
-  result = {
-      'topology': topology.name, 'libtpu_topology': topology.libtpu_topology, 'num_slices': topology.num_slices,
-      'device_kind': devices[0].device_kind, 'num_devices': len(devices),
-      'num_hosts': len({d.process_index for d in devices}), 'workload': info,
-      'lower_seconds': lower_seconds, 'hbm_bytes_per_device': topology.spec.hbm_bytes_per_device,
-  }
+  result = dict.fromkeys(RESULT_KEYS)
+  result.update(
+      schema=JSON_SCHEMA, topology=topology.name, libtpu_topology=topology.libtpu_topology,
+      num_slices=topology.num_slices, device_kind=devices[0].device_kind, num_devices=len(devices),
+      num_hosts=len({d.process_index for d in devices}), workload=info, lower_seconds=time.perf_counter() - start,
+      hbm_bytes_per_device=topology.spec.hbm_bytes_per_device, largest_buffers=[])
   start = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError; OOM is an answer here
-    message = _out_of_memory(e)
-    if message is None:
-      raise
+  with tempfile.TemporaryDirectory(prefix='compile_check_') as dump_dir:
+    try:
+      compiled = lowered.compile(compiler_options={'xla_dump_to': dump_dir,
+                                                   'xla_dump_hlo_module_re': '.*guarded_step.*'})
+    except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError; OOM is an answer here
+      message = _out_of_memory(e)
+      if message is None:
+        raise
+      compiled = None
+      result['compiler_message'] = _first_line(e)
+      for pattern in OOM_PATTERNS:
+        found = pattern.search(message)
+        if found:
+          result['compiler_required'], result['compiler_available'] = found.groups()
+          break
     result['compile_seconds'] = time.perf_counter() - start
+    result['largest_buffers'] = largest_buffers(dump_dir)
+  if compiled is None:
     result['fits'] = False
-    result['compiler_message'] = _first_line(e)
-    for pattern in OOM_PATTERNS:
-      found = pattern.search(message)
-      if found:
-        result['compiler_required'], result['compiler_available'] = found.groups()
-        break
     return result
-  result['compile_seconds'] = time.perf_counter() - start
   result['memory'] = memory_report(compiled, topology.spec.hbm_bytes_per_device)
   result['fits'] = result['memory']['fits']
   result['flops_per_device'] = workload.xla_flops(compiled)
@@ -316,8 +359,9 @@ def format_report(result: dict[str, Any]) -> str:
       f"{result['num_devices']} x {result['device_kind']} on {result['num_hosts']} host(s), "
       f"{_gib(result['hbm_bytes_per_device'])} HBM per device",
       f"mesh {mesh}",
-      f"MPL step ({w['feedback']}): teacher {w['teacher']} ({w['parameters']['teacher'] / 1e6:.1f}M params), "
-      f"student {w['student']} ({w['parameters']['student'] / 1e6:.1f}M), {w['dtype']}, "
+      f"MPL step ({w['feedback']}): teacher {w['teacher']} ({w['parameters']['teacher'] / 1e6:.1f}M params, remat "
+      f"{w['remat']['teacher']}), student {w['student']} ({w['parameters']['student'] / 1e6:.1f}M, remat "
+      f"{w['remat']['student']}), {w['dtype']}, "
       f"B={w['batch_size']} labeled + 2 x {w['batch_size'] * w['uda_ratio']} unlabeled at "
       f"{'x'.join(map(str, w['input_shape']))} = {w['examples_per_step']} examples/step, "
       f"{per_device:g} per batch shard",
@@ -325,7 +369,8 @@ def format_report(result: dict[str, Any]) -> str:
       f"batch {_gib(w['batch_bytes_per_device'])} per device",
       f"lowered in {result['lower_seconds']:.1f} s, compiled in {result['compile_seconds']:.1f} s",
   ]
-  if 'memory' in result:
+  buffers = ', '.join(f"{_gib(b['bytes'])} ({_shapes(b['shapes'])})" for b in result['largest_buffers'])
+  if result['memory'] is not None:
     m = result['memory']
     lines += [
         f"per-device memory: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
@@ -334,12 +379,24 @@ def format_report(result: dict[str, Any]) -> str:
         f"({100 * m['total'] / m['hbm']:.0f}%)",
         f"FLOPs per step: {result['flops_per_device']:.4g} per device, {result['flops_per_step']:.4g} on all "
         f"{result['num_devices']} devices",
-        f"fits: {'yes' if result['fits'] else 'NO, does not fit'}",
+        f"largest buffers: {buffers or 'not reported'}",
+        f"fits: {'yes' if result['fits'] else 'NO, does not fit: ' + _total_over_hbm(m) + '; largest buffers: ' + buffers}",
     ]
   else:
     lines += ['FLOPs per step: not available (XLA stops before its cost analysis when memory does not fit)',
-              f"fits: NO, does not fit: {result['compiler_message']}"]
+              f"fits: NO, does not fit: {result['compiler_message'].rstrip('.')}"
+              + (f'; largest buffers: {buffers}' if buffers else '')]
   return '\n'.join(lines)
+
+
+def _total_over_hbm(memory) -> str:
+  return f"{_gib(memory['total'])} per device, over the {_gib(memory['hbm'])} of HBM"
+
+
+def _shapes(shapes: str, keep: int = 2) -> str:
+  """The first `keep` shapes of an allocation's list (a long list is values reusing the buffer over the step)."""
+  parts = shapes.split(', ')
+  return ', '.join(parts[:keep]) + (f', +{len(parts) - keep} more' if len(parts) > keep else '')
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -369,7 +426,7 @@ def _main():
     except errors.MplError as error:
       print(f'error: {error}', file=sys.stderr, flush=True)
       sys.exit(2)
-    print(json.dumps(result, indent=1) if json_flag.value else format_report(result), flush=True)
+    print(json.dumps(result, indent=1, sort_keys=True) if json_flag.value else format_report(result), flush=True)
     sys.exit(0 if result['fits'] else 1)
 
   app.run(main)

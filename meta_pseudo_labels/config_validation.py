@@ -130,8 +130,14 @@ def validate(config, num_devices):
 
   # Models.
   _model(config, 'model.name')
+  _choice(config, 'model.remat', models.REMAT_POLICIES)
   if config.student_model.name:
     _model(config, 'student_model.name')
+    _choice(config, 'student_model.remat', models.REMAT_POLICIES)
+  elif _get(config, 'student_model.remat') != 'none':
+    raise errors.ConfigError(f'student_model.remat: {config.student_model.remat!r} applies only with '
+                             'student_model.name set; with name empty the student is `model`, remat included: set '
+                             'model.remat, or name the student')
 
   # Warm starts: the format and the directory here; the network's architecture when the run builds its state.
   for field in ('teacher_init', 'student_init'):

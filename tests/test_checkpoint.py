@@ -105,6 +105,8 @@ def test_incompatible_config_is_refused_and_compatible_differences_listed(tmp_pa
   checkpoint.write_config(str(tmp_path), config)
   longer = dict(config, num_train_steps=20)
   assert checkpoint.check_compatible(str(tmp_path), longer) == ['num_train_steps']
+  rematerialised = dict(config, model={'name': 'wrn28_2', 'remat': 'block'})   # memory, not state: resumes
+  assert checkpoint.check_compatible(str(tmp_path), rematerialised) == []
   other_model = dict(config, model={'name': 'resnet18'})
   with pytest.raises(errors.CheckpointError, match=r"model=\{'name': 'wrn28_2'\}.*use a new --workdir"):
     checkpoint.check_compatible(str(tmp_path), other_model)

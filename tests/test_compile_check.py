@@ -69,6 +69,8 @@ def test_mpl_step_compiles_for_a_tpu_topology():
   assert result['flops_per_step'] == pytest.approx(4 * result['flops_per_device'])
   report = compile_check.format_report(result)
   assert 'fits: yes' in report and 'per-device memory' in report
+  assert set(result) == set(compile_check.RESULT_KEYS) and result['largest_buffers']
+  assert result['workload']['remat'] == {'teacher': 'none', 'student': 'none'}
 
 
 @requires_libtpu
@@ -77,8 +79,26 @@ def test_too_large_a_step_does_not_fit():
   config.mesh.data = 1
   result = compile_check.check(config, compile_check.parse_topology('v5e-1'))
   assert result['fits'] is False
-  assert 'memory' not in result and 'RESOURCE_EXHAUSTED' in result['compiler_message']
-  assert compile_check.format_report(result).splitlines()[-1].startswith('fits: NO, does not fit: ')
+  assert result['memory'] is None and 'RESOURCE_EXHAUSTED' in result['compiler_message']
+  assert set(result) == set(compile_check.RESULT_KEYS)   # the same keys as a step that fits: --json compares
+  # The largest allocations come from XLA's buffer assignment even though the compile failed: 250M x 8 floats.
+  assert result['largest_buffers'][0]['bytes'] >= 2**24 * 15 * 8 * 4
+  last = compile_check.format_report(result).splitlines()[-1]
+  assert last.startswith('fits: NO, does not fit: ') and '; largest buffers: 7.50 GiB (f32[' in last
+
+
+def test_largest_buffers_read_from_the_memory_usage_report(tmp_path):
+  (tmp_path / 'module_0001.jit_guarded_step.cl_1.after_optimizations-memory-usage-report.txt').write_text(
+      'Memory Space: default (color=0)\nTotal bytes: 27785425920 (25.88GiB)\n'
+      '  cumulative_size;       size;       offset; used_by_n_values; shapes_list\n'
+      '    7.50GiB( 22%);    7.50GiB;            0;                1; f32[251658240,8]\n'
+      '   15.00GiB( 43%);  448.00MiB;   8053063680;                8; bf16[117440512,2], 2\u00d7f32[251658240,2]\n'
+      'Memory Space: host (color=5)\n'
+      '    1.00GiB(100%);    1.00GiB;            0;                1; f32[1024,262144]\n')
+  assert compile_check.largest_buffers(str(tmp_path)) == [
+      {'bytes': 15 * 2**29, 'values': 1, 'shapes': 'f32[251658240,8]'},
+      {'bytes': 448 * 2**20, 'values': 8, 'shapes': 'bf16[117440512,2], 2\u00d7f32[251658240,2]'}]
+  assert compile_check.largest_buffers(str(tmp_path / 'missing')) == []
 
 
 @requires_libtpu

@@ -237,9 +237,9 @@ def test_efficientnet_drop_connect_rate_grows_with_block_index():
   model = models.create_model(model_config('efficientnet-b0', drop_connect_rate=0.2), 3)
   rates = []
   original = efficientnet.MBConvBlock.__call__
-  def recording_call(block, x, *, train):
+  def recording_call(block, x, train):   # blocks take `train` positionally (a static argument under remat)
     rates.append(block.drop_connect_rate)
-    return original(block, x, train=train)
+    return original(block, x, train)
   efficientnet.MBConvBlock.__call__ = recording_call
   try:
     abstract_variables(model, input_shape('efficientnet-b0'))

@@ -13,7 +13,8 @@ Contract (docs/ARCHITECTURE.md):
   the parameters and inputs to float64 runs entirely in float64.
 - Model config fields read (attribute access; a missing field takes the default below): `name`, `dropout_rate`
   (0.0; EfficientNet: the variant's published rate), `bn_momentum` (0.99), `drop_connect_rate` (0.0,
-  EfficientNet only), `dtype` ('float32'). The MLP reads only `name` and `dtype`.
+  EfficientNet only), `dtype` ('float32'), `remat` ('none'; a policy of `remat.POLICIES`, which blocks are
+  checkpointed and what they save). The MLP reads only `name` and `dtype`.
 - `bn_group_size` is the top-level `batch_norm_group_size`: 0 normalises over the whole (global) batch, n > 0
   over groups of n consecutive examples (see `layers.BatchNorm`).
 """
@@ -29,21 +30,25 @@ from meta_pseudo_labels import errors
 from meta_pseudo_labels.models import efficientnet
 from meta_pseudo_labels.models import layers
 from meta_pseudo_labels.models import mlp
+from meta_pseudo_labels.models import remat
 from meta_pseudo_labels.models import resnet
 from meta_pseudo_labels.models import wide_resnet
 
 ModelConstructor = Callable[[Any, int, Optional[layers.Dtype], int], nn.Module]
 
+REMAT_POLICIES = tuple(remat.POLICIES)  # the `model.remat` names, defined in remat.py
 COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # None: promote inputs and params (see above)
 
 
-def _regularisation(model_config, default_dropout: float = 0.0) -> dict[str, float]:
+def _regularisation(model_config, default_dropout: float = 0.0) -> dict[str, Any]:
+  """The fields every block-structured model reads (dropout, BatchNorm momentum, the remat policy)."""
   return dict(dropout_rate=getattr(model_config, 'dropout_rate', default_dropout),
-              bn_momentum=getattr(model_config, 'bn_momentum', 0.99))
+              bn_momentum=getattr(model_config, 'bn_momentum', 0.99),
+              remat=getattr(model_config, 'remat', 'none'))
 
 
 def _mlp(model_config, num_classes, dtype, bn_group_size):
-  del model_config, bn_group_size  # Sec. 3.1 fixes the architecture; no BatchNorm.
+  del model_config, bn_group_size  # Sec. 3.1 fixes the architecture; no BatchNorm, no blocks to remat.
   return mlp.MLP(num_classes=num_classes, dtype=dtype)
 
 
@@ -109,6 +114,10 @@ def create_model(model_config, num_classes: int, dtype=None, bn_group_size: int 
     rate = getattr(model_config, field, 0.0)
     if not 0.0 <= rate < 1.0:
       raise errors.ConfigError(f'model.{field}: must be in [0, 1), got {rate}')
+  policy = getattr(model_config, 'remat', 'none')
+  if policy not in remat.POLICIES:
+    raise errors.ConfigError(f'model.remat: unknown rematerialisation policy {policy!r}; choose one of '
+                             f'{list(REMAT_POLICIES)}')
   momentum = getattr(model_config, 'bn_momentum', 0.99)
   if not 0.0 <= momentum < 1.0:
     raise errors.ConfigError(f'model.bn_momentum: must be in [0, 1), got {momentum}')

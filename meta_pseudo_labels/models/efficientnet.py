@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels.models import layers
+from meta_pseudo_labels.models import remat
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
@@ -110,7 +111,7 @@ class MBConvBlock(nn.Module):
   dtype: Optional[layers.Dtype] = None
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, inputs: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     filters_in = inputs.shape[-1]
     expanded = filters_in * self.expand_ratio
@@ -143,6 +144,7 @@ class EfficientNet(layers.Classifier):
   bn_momentum: float = 0.99
   bn_group_size: int = 0
   dtype: Optional[layers.Dtype] = None
+  remat: str = 'none'  # remat.POLICIES: checkpointing of every MBConv block
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -153,14 +155,15 @@ class EfficientNet(layers.Classifier):
                 dtype=self.dtype, name='stem')(x)
     x = nn.swish(norm(name='stem_norm')(x, train=train))
 
+    block_cls = remat.checkpointed(MBConvBlock, self.remat)
     num_blocks = sum(round_repeats(stage.repeats, depth) for stage in B0_STAGES)
     index = 0
     for stage_index, stage in enumerate(B0_STAGES):
       for repeat in range(round_repeats(stage.repeats, depth)):
-        x = MBConvBlock(round_filters(stage.filters_out, width), stage.kernel_size,
-                        strides=stage.strides if repeat == 0 else 1, expand_ratio=stage.expand_ratio,
-                        se_ratio=stage.se_ratio, drop_connect_rate=self.drop_connect_rate * index / num_blocks,
-                        norm=norm, dtype=self.dtype, name=f'stage{stage_index + 1}_block{repeat + 1}')(x, train=train)
+        x = block_cls(round_filters(stage.filters_out, width), stage.kernel_size,
+                      strides=stage.strides if repeat == 0 else 1, expand_ratio=stage.expand_ratio,
+                      se_ratio=stage.se_ratio, drop_connect_rate=self.drop_connect_rate * index / num_blocks,
+                      norm=norm, dtype=self.dtype, name=f'stage{stage_index + 1}_block{repeat + 1}')(x, train)
         index += 1
 
     x = nn.Conv(round_filters(HEAD_FILTERS, width), (1, 1), use_bias=False, kernel_init=conv_init,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels.models import layers
+from meta_pseudo_labels.models import remat
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # He et al. (2015)
 
@@ -25,7 +26,7 @@ class BasicBlock(nn.Module):
   norm: Callable[..., nn.Module]
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), strides=self.strides)(x), train=train))
     y = self.conv(self.filters, (3, 3))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y, train=train)
@@ -41,7 +42,7 @@ class BottleneckBlock(nn.Module):
   expansion: int = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x), train=train))
     y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), strides=self.strides)(y), train=train))
     y = self.conv(self.filters * self.expansion, (1, 1))(y)
@@ -75,9 +76,11 @@ class ResNet(layers.Classifier):
   bn_momentum: float = 0.99
   bn_group_size: int = 0
   dtype: Optional[layers.Dtype] = None
+  remat: str = 'none'  # remat.POLICIES: checkpointing of every residual block
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    block_cls = remat.checkpointed(self.block, self.remat)
     conv = functools.partial(symmetric_conv, dtype=self.dtype)
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum, epsilon=1e-5,
                              group_size=self.bn_group_size, dtype=self.dtype)
@@ -86,8 +89,8 @@ class ResNet(layers.Classifier):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
-        x = self.block(64 * 2**stage, strides=2 if block == 0 and stage > 0 else 1, conv=conv, norm=norm,
-                       name=f'stage{stage + 1}_block{block + 1}')(x, train=train)
+        x = block_cls(64 * 2**stage, strides=2 if block == 0 and stage > 0 else 1, conv=conv, norm=norm,
+                      name=f'stage{stage + 1}_block{block + 1}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels.models import layers
+from meta_pseudo_labels.models import remat
 
 LEAKY_RELU_SLOPE = 0.2
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # He et al. (2015)
@@ -37,7 +38,7 @@ class PreActBlock(nn.Module):
   dtype: Optional[layers.Dtype] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     preactivated = activation(self.norm()(x, train=train))
     shortcut = preactivated if self.activate_before_residual else x
@@ -58,6 +59,7 @@ class WideResNet(layers.Classifier):
   bn_momentum: float = 0.99
   bn_group_size: int = 0
   dtype: Optional[layers.Dtype] = None
+  remat: str = 'none'  # remat.POLICIES: checkpointing of every PreActBlock
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -66,13 +68,14 @@ class WideResNet(layers.Classifier):
     blocks_per_stage = (self.depth - 4) // 6
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum, group_size=self.bn_group_size,
                              dtype=self.dtype)
+    block_cls = remat.checkpointed(PreActBlock, self.remat)
     x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='stem')(x)
     for stage, filters in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
       for block in range(blocks_per_stage):
         first = block == 0
-        x = PreActBlock(filters, strides=2 if first and stage > 0 else 1,
-                        activate_before_residual=first and stage == 0, norm=norm, dtype=self.dtype,
-                        name=f'stage{stage + 1}_block{block + 1}')(x, train=train)
+        x = block_cls(filters, strides=2 if first and stage > 0 else 1,
+                      activate_before_residual=first and stage == 0, norm=norm, dtype=self.dtype,
+                      name=f'stage{stage + 1}_block{block + 1}')(x, train)
     x = activation(norm(name='final_norm')(x, train=train))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
