@@ -116,6 +116,43 @@ def test_remat_step_equals_the_plain_step(name, feedback, policy):
     assert plain_temps >= MEMORY_FACTORS[name, policy] * temps, (plain_temps, temps)
 
 
+# Checkpointed units of a model's gradient: its blocks, plus the stem where the stem is more than one convolution.
+CHECKPOINTED_UNITS = {'wrn10_1': 3, 'resnet18': 8 + 1, 'efficientnet-b0': 16 + 1}
+
+
+def squared_logits(name, policy, x):
+  """(loss of the parameters: a train-mode forward's squared logits and new BatchNorm statistics, parameters)."""
+  net = model(name, policy)
+  variables = net.init({'params': jax.random.key(0)}, x, train=False)
+
+  def loss(params):
+    logits, new_stats = net.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': jax.random.key(3)})
+    return (logits ** 2).sum(), new_stats
+
+  return loss, variables['params']
+
+
+@pytest.mark.parametrize('name', CHECKPOINTED_UNITS)
+def test_every_block_and_the_stem_are_checkpointed(name):
+  for policy in POLICIES:
+    loss, params = squared_logits(name, policy, np.ones((2, 8, 8, 3), np.float32))
+    assert str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(params)).count('remat') == CHECKPOINTED_UNITS[name]
+
+
+def test_resnet_stem_and_blocks_recompute_the_same_gradient_bitwise():
+  """ResNet's checkpointed stem (convolution, BatchNorm, ReLU, max-pool) and blocks: the gradient of 'none'."""
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
+
+  def gradient(policy):
+    loss, params = squared_logits('resnet18', policy, x)
+    return jax.jit(jax.grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(params)
+
+  plain = jax.tree.leaves(gradient('none'))
+  for policy in POLICIES:
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gradient(policy)), plain)), policy
+
+
 def test_unknown_policy_is_a_one_line_error():
   with pytest.raises(errors.ConfigError, match=r"model.remat: unknown rematerialisation policy 'all'; choose one "
                                                r"of \['none', 'block', 'dots'\]"):

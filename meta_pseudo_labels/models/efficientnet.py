@@ -144,16 +144,21 @@ class EfficientNet(layers.Classifier):
   bn_momentum: float = 0.99
   bn_group_size: int = 0
   dtype: Optional[layers.Dtype] = None
-  remat: str = 'none'  # remat.POLICIES: checkpointing of every MBConv block
+  remat: str = 'none'  # remat.POLICIES: checkpointing of the stem and every MBConv block
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width, depth = self.scaling.width, self.scaling.depth
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum, epsilon=1e-3,
                              group_size=self.bn_group_size, dtype=self.dtype)
-    x = nn.Conv(round_filters(STEM_FILTERS, width), (3, 3), strides=2, use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, name='stem')(x)
-    x = nn.swish(norm(name='stem_norm')(x, train=train))
+
+    def stem(module, x, train):
+      del module   # the parent of the layers below (remat.checkpointed_layers)
+      x = nn.Conv(round_filters(STEM_FILTERS, width), (3, 3), strides=2, use_bias=False, kernel_init=conv_init,
+                  dtype=self.dtype, name='stem')(x)
+      return nn.swish(norm(name='stem_norm')(x, train=train))
+
+    x = remat.checkpointed_layers(stem, self.remat)(self, x, train)
 
     block_cls = remat.checkpointed(MBConvBlock, self.remat)
     num_blocks = sum(round_repeats(stage.repeats, depth) for stage in B0_STAGES)

@@ -14,9 +14,12 @@ Policies (`config.model.remat`, `config.student_model.remat`):
   elementwise work after them (BatchNorm, activations, squeeze-and-excitation gating, drop-connect): no
   convolution is run twice.
 
-Which blocks: the residual blocks of WideResNet and ResNet, the MBConv blocks of EfficientNet; the stem, head and
-classifier run once without checkpointing. The TwoMoon MLP has no blocks (two dense layers), so its remat field is
-accepted and has no effect.
+Which blocks: the residual blocks of WideResNet and ResNet, the MBConv blocks of EfficientNet, and the stems of
+ResNet (7x7 convolution, BatchNorm, ReLU, max-pool) and EfficientNet (3x3 convolution, BatchNorm, swish), whose
+outputs at half the input resolution are the largest activations of the network (ImageNet-10% on a v4-32:
+three 3.06 GiB stem tensors per chip, docs/SCALING.md). WideResNet's stem is one convolution, its head and every
+classifier are small: they run once without checkpointing. The TwoMoon MLP has no blocks (two dense layers), so
+its remat field is accepted and has no effect.
 """
 
 from typing import Callable, Optional
@@ -40,3 +43,16 @@ def checkpointed(block: type[nn.Module], policy: str) -> type[nn.Module]:
   if policy == 'none':
     return block
   return nn.remat(block, policy=POLICIES[policy], static_argnums=(2,))
+
+
+def checkpointed_layers(layers: Callable[[nn.Module, jax.Array, bool], jax.Array],
+                        policy: str) -> Callable[[nn.Module, jax.Array, bool], jax.Array]:
+  """`layers`, or its `nn.remat` under `POLICIES[policy]`; called as `layers(module, x, train)` in a compact method.
+
+  For layers that are not a block of their own (a stem): the lifted checkpoint makes `module` the parent of the
+  layers `layers` creates, so their parameter paths are the module's own, as without checkpointing. `train` is
+  static, as in `checkpointed`.
+  """
+  if policy == 'none':
+    return layers
+  return nn.remat(layers, policy=POLICIES[policy], static_argnums=(2,))

@@ -76,7 +76,7 @@ class ResNet(layers.Classifier):
   bn_momentum: float = 0.99
   bn_group_size: int = 0
   dtype: Optional[layers.Dtype] = None
-  remat: str = 'none'  # remat.POLICIES: checkpointing of every residual block
+  remat: str = 'none'  # remat.POLICIES: checkpointing of the stem and every residual block
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -84,9 +84,14 @@ class ResNet(layers.Classifier):
     conv = functools.partial(symmetric_conv, dtype=self.dtype)
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum, epsilon=1e-5,
                              group_size=self.bn_group_size, dtype=self.dtype)
-    x = conv(64, (7, 7), strides=2, name='stem')(x)
-    x = nn.relu(norm(name='stem_norm')(x, train=train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    def stem(module, x, train):
+      del module   # the parent of the layers below (remat.checkpointed_layers)
+      x = conv(64, (7, 7), strides=2, name='stem')(x)
+      x = nn.relu(norm(name='stem_norm')(x, train=train))
+      return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    x = remat.checkpointed_layers(stem, self.remat)(self, x, train)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         x = block_cls(64 * 2**stage, strides=2 if block == 0 and stage > 0 else 1, conv=conv, norm=norm,
