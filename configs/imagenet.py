@@ -22,6 +22,7 @@ PAPER_VARIANT = 'l2'
 CPU_VARIANT = 'b0'                           # ours: `:cpu` alone must not build EfficientNet-L2 on a laptop
 PAPER_IMAGE_SIZE = 512                       # paper: EfficientNet-L2 trained at 512x512
 BATCH_SIZE = 2048                            # paper: 2048 labeled per step
+PAPER_MESH_FSDP, PAPER_MESH_SPATIAL = 8, 2   # paper: 16 cores per replica (weights and images split)
 
 
 def get_config(arg=None):
@@ -57,7 +58,15 @@ def get_config(arg=None):
   config.finetune.batch_size = 512           # as ImageNet-10%
   config.eval_every_steps = 20_000           # ours
   config.checkpoint_every_steps = 2000       # ours: preemptible pods, save often
-  # A pod run sets the mesh on the command line, e.g. --config.mesh.fsdp=16 (README, "TPU pods").
+  if variant == PAPER_VARIANT and 'cpu' not in tokens:
+    # The paper's layout on 2048 TPUv3 cores, 128 replicas x 16 cores: weights split 8 ways, images in 2 strips,
+    # data over the rest (128 on v3-2048). Without remat the step needs 75.1 G per 15.5 G core; with `block` it
+    # fits (compile_check, docs/SCALING.md "Memory plans"). Other slices: set --config.mesh.* (README, "TPU pods").
+    config.mesh.fsdp = PAPER_MESH_FSDP
+    config.mesh.spatial = PAPER_MESH_SPATIAL
+    config.model.remat = 'block'
+    # ours: the finetuning batch is split over the data x fsdp shards (1024 on v3-2048), so 512 cannot be.
+    config.finetune.batch_size = 1024
 
   if 'cpu' in tokens:
     common.apply_config_arg(config, 'cpu', cpu_model=f'efficientnet-{variant}')

@@ -11,9 +11,12 @@ import sys
 
 import pytest
 
+from configs import imagenet
 from configs import two_moons
 from meta_pseudo_labels import compile_check
+from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
+from meta_pseudo_labels import sharding
 
 requires_libtpu = pytest.mark.skipif(
     not compile_check.libtpu_available(),
@@ -110,3 +113,12 @@ def test_command_line_mesh_error_is_one_line():
                                                         'TF_CPP_MIN_LOG_LEVEL': '3'})
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith('error: mesh: data x fsdp x spatial = data=3')
+
+
+def test_imagenet_l2_defaults_are_the_papers_layout_and_the_plan_that_fits():
+  """configs/imagenet.py's defaults on 2048 TPUv3 cores: 128 x 8 x 2 with `block` remat (docs/SCALING.md)."""
+  config = imagenet.get_config()
+  assert sharding.mesh_shape(config.mesh, 2048) == (128, 8, 2) and config.model.remat == 'block'
+  config_validation.validate(config, 2048)
+  for smaller in (imagenet.get_config('b0'), imagenet.get_config('cpu'), imagenet.get_config('l2,cpu')):
+    assert (smaller.mesh.fsdp, smaller.mesh.spatial, smaller.model.remat) == (1, 1, 'none')
