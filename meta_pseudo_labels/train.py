@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -105,14 +106,10 @@ class Phase:
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _flatten(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
-  return flat
+def _hparams(config_dict):
+  """The config as TensorBoard hyper-parameters: 'a.b.c' keys, scalars kept, anything else as its text."""
+  return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+          for key, value in traverse_util.flatten_dict(config_dict, sep='.').items()}
 
 
 def _prepare_workdir(workdir):
@@ -340,7 +337,7 @@ def train_and_evaluate(config, workdir):
 
   total_steps = main_phase.num_steps + (finetune_phase.num_steps if finetune_phase else 0)
   run = _Run(config, path, pipeline, mesh, total_steps)
-  run.reporter.hparams(_flatten(config_dict))
+  run.reporter.hparams(_hparams(config_dict))
   logging.info('Split sizes: %s; mesh %s', pipeline.split_sizes, dict(mesh.shape))
 
   main_state = run.run_phase(main_phase, source=initial_networks)

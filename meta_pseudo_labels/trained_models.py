@@ -23,6 +23,8 @@ import types
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
+import jax
 import numpy as np
 
 from meta_pseudo_labels import checkpoint
@@ -139,25 +141,10 @@ def restore(workdir, name=None):
 # ---- exported directories ----------------------------------------------------------------------------------------
 
 
-def _flatten(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      flat[f'{prefix}{key}'] = np.asarray(value)
-  return flat
-
-
 def _unflatten(flat):
-  tree = {collection: {} for collection in checkpoint.VARIABLE_COLLECTIONS}
-  for key, value in flat.items():
-    *parents, leaf = key.split('/')
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return tree
+  """The variables of an exported .npz ('params/stem/kernel' keys), every collection present."""
+  return {**{collection: {} for collection in checkpoint.VARIABLE_COLLECTIONS},
+          **traverse_util.unflatten_dict(flat, sep='/')}
 
 
 def is_artifact(directory):
@@ -169,7 +156,7 @@ def write_artifact(directory, network, program_bytes, extra_metadata):
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, ARTIFACT_PROGRAM), 'wb') as f:
     f.write(program_bytes)
-  np.savez(os.path.join(directory, ARTIFACT_VARIABLES), **_flatten(network.variables))
+  np.savez(os.path.join(directory, ARTIFACT_VARIABLES), **traverse_util.flatten_dict(jax.tree.map(np.asarray, network.variables), sep='/'))
   metadata = {'network': network.name, 'source': network.source, 'model': network.model_config,
               'num_classes': network.num_classes, 'inputs': network.inputs.to_dict(), **extra_metadata}
   with open(os.path.join(directory, ARTIFACT_METADATA), 'w') as f:
