@@ -61,7 +61,8 @@ def get_config(arg=None):
   if variant == PAPER_VARIANT and 'cpu' not in tokens:
     # The paper's layout on 2048 TPUv3 cores, 128 replicas x 16 cores: weights split 8 ways, images in 2 strips,
     # data over the rest (128 on v3-2048). Without remat the step needs 75.1 G per 15.5 G core; with `block` it
-    # fits (compile_check, docs/SCALING.md "Memory plans"). Other slices: set --config.mesh.* (README, "TPU pods").
+    # fits, 15.57 of 16 GiB per core (compile_check, docs/SCALING.md "Memory plans"). Other slices: set
+    # --config.mesh.* (README, "TPU pods").
     config.mesh.fsdp = PAPER_MESH_FSDP
     config.mesh.spatial = PAPER_MESH_SPATIAL
     config.model.remat = 'block'

@@ -36,6 +36,8 @@ def get_config(arg=None):
   config.dataset.in_memory = False           # streaming pipeline (too large for memory)
 
   config.model.name = 'resnet50'             # paper
+  # As set (float32, no remat) the step fits a v4-128, 28.8 of 32 GiB per chip. A v4-64 or v5p-16 needs
+  # --config.model.remat=block --config.model.dtype=bfloat16 (18.1 of 32, 70.4 of 95 GiB; docs/SCALING.md).
   config.model.dropout_rate = 0.1            # paper
   config.model.bn_momentum = 0.99            # release
   config.student_model.name = ''             # paper: the student is also a ResNet-50
