@@ -156,7 +156,8 @@ def write_artifact(directory, network, program_bytes, extra_metadata):
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, ARTIFACT_PROGRAM), 'wb') as f:
     f.write(program_bytes)
-  np.savez(os.path.join(directory, ARTIFACT_VARIABLES), **traverse_util.flatten_dict(jax.tree.map(np.asarray, network.variables), sep='/'))
+  variables = traverse_util.flatten_dict(jax.tree.map(np.asarray, network.variables), sep='/')
+  np.savez(os.path.join(directory, ARTIFACT_VARIABLES), **variables)
   metadata = {'network': network.name, 'source': network.source, 'model': network.model_config,
               'num_classes': network.num_classes, 'inputs': network.inputs.to_dict(), **extra_metadata}
   with open(os.path.join(directory, ARTIFACT_METADATA), 'w') as f:

@@ -80,11 +80,10 @@ def test_policies_keep_the_variables(name):
   assert all(shapes(policy) == shapes('none') for policy in POLICIES)   # checkpoints restore across policies
 
 
-# EfficientNet-B0's steps cost some 10x WRN-10-1's to compile: its first-order (hard_taylor) and second-order
-# (exact) steps run here, the other two modes differ from hard_taylor only in the teacher's feedback term.
 # Default suite: WRN-10-1's second-order (exact) step, whose backward runs through the checkpointed student twice
 # (first-order gradients through checkpointed blocks and stems: the ResNet test below). MPL_TEST_FULL_REMAT=1 adds
-# WRN's other three modes and EfficientNet-B0 (about 10x WRN's compile time each).
+# WRN's other three modes and EfficientNet-B0's hard_taylor and exact steps (some 10x WRN's compile time each; the
+# other two modes differ from hard_taylor only in the teacher's feedback term).
 FULL = os.environ.get('MPL_TEST_FULL_REMAT') == '1'
 MODES = {'wrn10_1': mpl.FEEDBACK_MODES if FULL else ('exact',)}
 if FULL:
