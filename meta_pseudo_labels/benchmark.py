@@ -56,11 +56,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import mpl
 from meta_pseudo_labels import torch_reference
-from meta_pseudo_labels import train_state
-from meta_pseudo_labels import workload
-from meta_pseudo_labels import xla_cpu
+from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.execution import xla_cpu
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
 
 FEEDBACK_MODES = tuple(mode for mode in mpl.FEEDBACK_MODES if mode != 'none')   # 'none' has no feedback to time
 PIPELINE_DATA = ('synthetic', 'config')
@@ -288,7 +288,7 @@ def measure_input_pipeline(config, num_batches: int, step_examples_per_second: f
   """
   if importlib.util.find_spec('tensorflow') is None:
     return dict(skipped='TensorFlow is not installed (the input pipeline runs on tf.data)')
-  from meta_pseudo_labels import input_pipeline  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
   examples_per_batch = config.batch_size * (1 + config.uda_ratio)
   synthetic = data == 'synthetic' and config.dataset.source != 'two_moons'
   with tempfile.TemporaryDirectory() as directory:

@@ -3,8 +3,8 @@
 from absl import app
 from absl import flags
 
-from meta_pseudo_labels import checkpoint
 from meta_pseudo_labels import errors
+from meta_pseudo_labels.rundir import checkpoint
 
 
 def absl_main(run, required_flags):

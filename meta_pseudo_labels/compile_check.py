@@ -47,13 +47,13 @@ from typing import Any, Optional
 
 import jax
 
-from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import sharding
-from meta_pseudo_labels import step_builder
-from meta_pseudo_labels import train_state
-from meta_pseudo_labels import workload
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.execution import step_builder
+from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import config_validation
 
 GiB = 2**30
 

@@ -24,7 +24,7 @@ from jax import export as jax_export
 import jax.numpy as jnp
 
 from meta_pseudo_labels import cli
-from meta_pseudo_labels import trained_models
+from meta_pseudo_labels.trained import trained_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, "The training run's directory.")

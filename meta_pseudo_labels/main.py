@@ -23,9 +23,9 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from meta_pseudo_labels import checkpoint
-from meta_pseudo_labels import distributed
 from meta_pseudo_labels import errors
+from meta_pseudo_labels.execution import distributed
+from meta_pseudo_labels.rundir import checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and results.json; rerunning '
@@ -39,7 +39,7 @@ PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: a checkpoint was saved; schedulers 
 
 # config.experiment -> (module, function(config, workdir)); modules are imported only when chosen.
 EXPERIMENTS = {
-    'train': ('meta_pseudo_labels.train', 'train_and_evaluate'),
+    'train': ('meta_pseudo_labels.run.train', 'train_and_evaluate'),
     'two_moons': ('meta_pseudo_labels.experiments.two_moons', 'run'),
     'digits': ('meta_pseudo_labels.experiments.digits', 'run'),
 }

@@ -30,11 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from meta_pseudo_labels import cli
-from meta_pseudo_labels import data_sources
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import input_pipeline
-from meta_pseudo_labels import sharding
-from meta_pseudo_labels import trained_models
+from meta_pseudo_labels.data import data_sources
+from meta_pseudo_labels.data import input_pipeline
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.trained import trained_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The training run\'s directory (config.json, inputs.json, checkpoints/).')

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.method import train_state
 
 NUM_CLASSES = 3
 

@@ -5,7 +5,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import pytest
 import tensorflow as tf
 
-from meta_pseudo_labels import augment
+from meta_pseudo_labels.data import augment
 
 
 def _image(seed=0, shape=(32, 32, 3)):

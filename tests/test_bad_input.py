@@ -20,9 +20,9 @@ import pytest
 
 from configs import cifar10_4k
 from configs import two_moons
-from meta_pseudo_labels import checkpoint
-from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
+from meta_pseudo_labels.run import config_validation
+from meta_pseudo_labels.rundir import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TWO_MOONS = ('--config=configs/two_moons.py', '--config.experiment=train', '--config.num_train_steps=4')
@@ -265,7 +265,7 @@ def test_mpl_fields_are_checked_before_any_work_by_the_hparams_that_use_them(fie
 
 
 def _create_pipeline(config):
-  from meta_pseudo_labels import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
+  from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
   return input_pipeline.create(config)
 
 
@@ -323,7 +323,7 @@ def test_npz_contents_that_would_train_wrong(tmp_path, test_split, message):
 
 
 def test_read_only_workdir_in_process(tmp_path):
-  from meta_pseudo_labels import train  # pylint: disable=g-import-not-at-top  # TensorFlow
+  from meta_pseudo_labels.run import train  # pylint: disable=g-import-not-at-top  # TensorFlow
   readonly = _readonly_dir(tmp_path)
   for workdir in (readonly, readonly / 'run'):
     with pytest.raises(errors.ConfigError, match='cannot write there'):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meta_pseudo_labels import checkpoint
 from meta_pseudo_labels import errors
+from meta_pseudo_labels.rundir import checkpoint
 
 
 def _state(value):

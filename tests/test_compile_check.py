@@ -14,9 +14,9 @@ import pytest
 from configs import imagenet
 from configs import two_moons
 from meta_pseudo_labels import compile_check
-from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import sharding
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.run import config_validation
 
 requires_libtpu = pytest.mark.skipif(
     not compile_check.libtpu_available(),

@@ -8,8 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from meta_pseudo_labels import data_sources
-from meta_pseudo_labels import synthetic
+from meta_pseudo_labels.data import data_sources
+from meta_pseudo_labels.data import synthetic
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 

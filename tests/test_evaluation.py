@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from sklearn import metrics as sk_metrics
 
-from meta_pseudo_labels import evaluation
+from meta_pseudo_labels.run import evaluation
 
 
 def _numpy_ece(probabilities, labels, bins):

@@ -5,8 +5,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from meta_pseudo_labels import data_sources
-from meta_pseudo_labels import input_pipeline
+from meta_pseudo_labels.data import data_sources
+from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.errors import ConfigError, DataError
 from mock_tfds_main import mock_as_dataset  # pylint: disable=g-bad-import-order
 from test_data_sources import write_image_folder  # pylint: disable=g-bad-import-order

@@ -17,7 +17,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'meta_pseudo_labels'
-PROGRAMS = frozenset({'meta_pseudo_labels.train', 'meta_pseudo_labels.benchmark', 'meta_pseudo_labels.compile_check',
+PROGRAMS = frozenset({'meta_pseudo_labels.run.train', 'meta_pseudo_labels.benchmark', 'meta_pseudo_labels.compile_check',
                       'meta_pseudo_labels.main', 'meta_pseudo_labels.predict', 'meta_pseudo_labels.export'} | {
                           f'meta_pseudo_labels.experiments.{path.stem}'
                           for path in (PACKAGE / 'experiments').glob('*.py') if path.stem != '__init__'})
@@ -43,15 +43,15 @@ def module_name(path):
 
 
 def test_imported_modules_sees_every_form_of_import():
-  source = ('import meta_pseudo_labels.train\n'
+  source = ('import meta_pseudo_labels.run.train\n'
             'def f():\n  from meta_pseudo_labels import benchmark  # pylint: disable=g-import-not-at-top\n'
             'from meta_pseudo_labels.experiments import two_moons\n')
-  assert {'meta_pseudo_labels.train', 'meta_pseudo_labels.benchmark',
+  assert {'meta_pseudo_labels.run.train', 'meta_pseudo_labels.benchmark',
           'meta_pseudo_labels.experiments.two_moons'} <= imported_modules(source)
 
 
 def test_the_programs_are_the_known_ones():
-  assert {'meta_pseudo_labels.train', 'meta_pseudo_labels.experiments.two_moons'} <= PROGRAMS
+  assert {'meta_pseudo_labels.run.train', 'meta_pseudo_labels.experiments.two_moons'} <= PROGRAMS
 
 
 @pytest.mark.parametrize('path', sorted(PACKAGE.rglob('*.py')), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -65,7 +65,10 @@ LOWER_AND_LIST_MODULES = '''
 import json, sys
 import jax
 heavy = lambda: sorted(m for m in sys.modules if m.split('.')[0] in %r)
-from meta_pseudo_labels import benchmark, compile_check, step_builder, workload  # noqa: F401
+from meta_pseudo_labels import benchmark  # noqa: F401
+from meta_pseudo_labels import compile_check
+from meta_pseudo_labels.execution import step_builder
+from meta_pseudo_labels.execution import workload
 after_import = heavy()
 from configs import two_moons   # an ml_collections ConfigDict
 config = two_moons.get_config()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meta_pseudo_labels import losses
+from meta_pseudo_labels.method import losses
 
 LOGITS = jnp.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0], [-2.0, 4.0, 0.0]])
 LABELS = jnp.array([0, 1, 2, 1])

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meta_pseudo_labels import losses
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.method import losses
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
 import mpl_test_models as tm
 
 MODEL_NAMES = tuple(tm.MODELS)

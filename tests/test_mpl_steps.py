@@ -16,10 +16,10 @@ import optax
 import pytest
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import evaluation
 from meta_pseudo_labels import models
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import evaluation
 import mpl_test_models as tm
 
 UDA = mpl.UdaHparams(weight=8.0, temperature=0.7, threshold=0.6, ramp_steps=5)

@@ -34,9 +34,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from meta_pseudo_labels import checkpoint
-from meta_pseudo_labels import distributed
-from meta_pseudo_labels import sharding
+from meta_pseudo_labels.execution import distributed
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.rundir import checkpoint
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]   # ~50 s of CPU: seven processes start
 

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import optimizers
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.method import optimizers
+from meta_pseudo_labels.method import train_state
 
 
 def config(**overrides):

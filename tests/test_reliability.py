@@ -33,10 +33,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import step_builder
-from meta_pseudo_labels import train
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.execution import step_builder
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import train
 import mpl_test_models as tm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

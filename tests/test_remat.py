@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from configs import cifar10_4k
-from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import config_validation
 import mpl_test_models as tm
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}

@@ -5,7 +5,7 @@ from ml_collections import config_flags
 import pytest
 
 from configs import common
-from meta_pseudo_labels import config_validation
+from meta_pseudo_labels.run import config_validation
 
 
 def parse(*overrides, config='configs/cifar10_4k.py:cpu'):

@@ -25,10 +25,10 @@ import pytest
 from configs import common
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.models import layers
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import sharding
-from meta_pseudo_labels import train_state
 
 ATOL = RTOL = 1e-5
 NUM_CLASSES = 10

@@ -6,7 +6,7 @@ import pytest
 from configs import cifar10_4k
 from meta_pseudo_labels import models
 from meta_pseudo_labels import torch_reference
-from meta_pseudo_labels import workload
+from meta_pseudo_labels.execution import workload
 
 pytestmark = pytest.mark.skipif(not torch_reference.available(),
                                 reason='torch is not installed (the optional extra: pip install .[bench])')

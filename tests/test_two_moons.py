@@ -10,7 +10,7 @@ import pytest
 
 from configs import two_moons as two_moons_config
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import synthetic
+from meta_pseudo_labels.data import synthetic
 from meta_pseudo_labels.experiments import two_moons
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

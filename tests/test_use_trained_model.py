@@ -22,7 +22,7 @@ from test_data_sources import write_image_folder  # pylint: disable=g-bad-import
 from test_main_e2e import _env, _read_scalars, REPO  # pylint: disable=g-bad-import-order
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import trained_models
+from meta_pseudo_labels.trained import trained_models
 
 CLASSES = ('ant', 'bee', 'cat', 'dog')
 PER_CLASS = 6

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meta_pseudo_labels import xla_cpu
+from meta_pseudo_labels.execution import xla_cpu
 
 # (batch, side, in channels, out channels, kernel, stride, padding, feature groups)
 CONVOLUTIONS = [

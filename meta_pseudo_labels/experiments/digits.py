@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import reporting
+from meta_pseudo_labels.rundir import reporting
 
 RESULTS_FILE = 'digits_results.json'
 TABLE_FILE = 'digits_table.md'

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from meta_pseudo_labels import checkpoint
-from meta_pseudo_labels import evaluation
-from meta_pseudo_labels import input_pipeline
 from meta_pseudo_labels import models
-from meta_pseudo_labels import train_state
+from meta_pseudo_labels.data import input_pipeline
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import evaluation
+from meta_pseudo_labels.rundir import checkpoint
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
 

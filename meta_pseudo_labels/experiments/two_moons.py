@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import evaluation
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import reporting
-from meta_pseudo_labels import synthetic
-from meta_pseudo_labels import train_state
-from meta_pseudo_labels import workload
+from meta_pseudo_labels.data import synthetic
+from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import evaluation
+from meta_pseudo_labels.rundir import reporting
 
 RESULTS_FILE = 'two_moons_results.json'
 TABLE_FILE = 'two_moons_table.md'

@@ -23,8 +23,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from meta_pseudo_labels import sharding
-from meta_pseudo_labels import xla_cpu
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.execution import xla_cpu
 
 ON_NONFINITE = ('stop', 'skip')        # config.on_nonfinite: what the guard does with a non-finite step
 UPDATED_STATE_TERM = 'updated state'   # the guard's name for "the step's new parameters/statistics"

@@ -32,10 +32,10 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from meta_pseudo_labels import augment
-from meta_pseudo_labels import data_sources
-from meta_pseudo_labels.dataset_choices import AUGMENTATIONS
-from meta_pseudo_labels.input_spec import InputSpec
+from meta_pseudo_labels.data import augment
+from meta_pseudo_labels.data import data_sources
+from meta_pseudo_labels.data.dataset_choices import AUGMENTATIONS
+from meta_pseudo_labels.data.input_spec import InputSpec
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 EVAL_SPLITS = ('validation', 'test', 'train_labeled')

@@ -18,14 +18,14 @@ import math
 import numbers
 import os
 
-from meta_pseudo_labels import dataset_choices
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import optimizers
-from meta_pseudo_labels import sharding
-from meta_pseudo_labels import step_builder
-from meta_pseudo_labels import trained_models
+from meta_pseudo_labels.data import dataset_choices
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.execution import step_builder
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import optimizers
+from meta_pseudo_labels.trained import trained_models
 
 METHODS = ('mpl', 'supervised', 'uda')   # train.py's programs: MPL + finetuning, or one network alone
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.

@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from meta_pseudo_labels import augment
-from meta_pseudo_labels import synthetic
-from meta_pseudo_labels.dataset_choices import SOURCES
+from meta_pseudo_labels.data import augment
+from meta_pseudo_labels.data import synthetic
+from meta_pseudo_labels.data.dataset_choices import SOURCES
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from meta_pseudo_labels import optimizers
+from meta_pseudo_labels.method import optimizers
 
 
 class NetworkState(struct.PyTreeNode):

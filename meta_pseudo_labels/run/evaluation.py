@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meta_pseudo_labels import losses
-from meta_pseudo_labels import sharding
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.method import losses
 
 CALIBRATION_BINS = 15   # Guo et al. 2017's choice
 SCALAR_METRICS = ('top1', 'top5', 'loss', 'ece')   # what goes to TensorBoard; the rest are per class

@@ -27,10 +27,10 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from meta_pseudo_labels import checkpoint
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import input_spec
 from meta_pseudo_labels import models
+from meta_pseudo_labels.data import input_spec
+from meta_pseudo_labels.rundir import checkpoint
 
 # name -> (phase, keys of the network's {'params', 'batch_stats'} in that phase's state, its architecture's field).
 # Phase None: the run's method ('supervised' | 'uda' train one network in a phase named after the method).
@@ -114,7 +114,7 @@ def read_input_spec(workdir, config):
                   'statistics', path, config['dataset']['data_dir'] or config['dataset']['name'])
   # Only this fallback needs TensorFlow and ml_collections: everything else here runs with jax alone.
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from meta_pseudo_labels import input_pipeline  # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
   return input_pipeline.create(ml_collections.ConfigDict(config)).input_spec
 
 

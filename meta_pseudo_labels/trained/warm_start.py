@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import trained_models
-from meta_pseudo_labels import workload
+from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.trained import trained_models
 
 FIELDS = ('teacher_init', 'student_init')
 

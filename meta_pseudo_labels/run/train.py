@@ -40,20 +40,20 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
-from meta_pseudo_labels import checkpoint
-from meta_pseudo_labels import config_validation
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import evaluation
-from meta_pseudo_labels import input_pipeline
-from meta_pseudo_labels import input_spec
-from meta_pseudo_labels import mpl
-from meta_pseudo_labels import reporting
-from meta_pseudo_labels import run_report
-from meta_pseudo_labels import sharding
-from meta_pseudo_labels import step_builder
-from meta_pseudo_labels import train_state
-from meta_pseudo_labels import warm_start
-from meta_pseudo_labels import workload
+from meta_pseudo_labels.data import input_pipeline
+from meta_pseudo_labels.data import input_spec
+from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.execution import step_builder
+from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.method import mpl
+from meta_pseudo_labels.method import train_state
+from meta_pseudo_labels.run import config_validation
+from meta_pseudo_labels.run import evaluation
+from meta_pseudo_labels.rundir import checkpoint
+from meta_pseudo_labels.rundir import reporting
+from meta_pseudo_labels.rundir import run_report
+from meta_pseudo_labels.trained import warm_start
 
 RESULTS_FILENAME = 'results.json'
 

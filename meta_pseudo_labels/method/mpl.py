@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels import losses
+from meta_pseudo_labels.method import losses
 
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
 PSEUDO_LABELS = ('sampled', 'argmax', 'soft')
