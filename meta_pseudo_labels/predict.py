@@ -18,6 +18,7 @@ A missing or damaged checkpoint, an unreadable image, an input the model cannot 
 
 import csv
 import functools
+import io
 import os
 import types
 
@@ -34,6 +35,7 @@ from meta_pseudo_labels import errors
 from meta_pseudo_labels.data import data_sources
 from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.execution import sharding
+from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.trained import trained_models
 
 FLAGS = flags.FLAGS
@@ -161,16 +163,17 @@ def predict(network, names, prepare, batch_size):
 
 
 def write_csv(path, names, probabilities, labels, class_names):
+  """Writes the CSV to `path` (a local path or a URL) atomically."""
   class_name = (lambda label: class_names[label]) if class_names else str
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with open(path + '.tmp', 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['path', 'class', 'probability', 'top5_classes', 'top5_probabilities'])
-    for name, p, k in zip(names, probabilities, labels):
-      writer.writerow([name, class_name(k[0]), f'{p[0]:.6f}', ';'.join(class_name(label) for label in k),
-                       ';'.join(f'{value:.6f}' for value in p)])
-  os.replace(path + '.tmp', path)
+  rows = io.StringIO(newline='')
+  writer = csv.writer(rows)
+  writer.writerow(['path', 'class', 'probability', 'top5_classes', 'top5_probabilities'])
+  for name, p, k in zip(names, probabilities, labels):
+    writer.writerow([name, class_name(k[0]), f'{p[0]:.6f}', ';'.join(class_name(label) for label in k),
+                     ';'.join(f'{value:.6f}' for value in p)])
+  path = run_directory.as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  run_directory.write_bytes(path, rows.getvalue())
 
 
 def run():

@@ -1,16 +1,12 @@
 """What evaluation feeds a run's models, saved in its workdir so that trained models take new inputs exactly so.
 
-`inputs.json` (written by `train` next to config.json) holds the preprocessing of the eval splits
-(`input_pipeline.eval_input`): the stored-size fit, `augment.eval_view`'s kind and size and the per-channel
-normalisation, whose statistics come from an in-memory training split and exist nowhere else, plus the class
-names. No TensorFlow here: an exported model's metadata carries the same dict to machines with jax alone.
+`inputs.json` (`to_dict()`, written by `train` through rundir/run_directory.py next to config.json) holds the
+preprocessing of the eval splits (`input_pipeline.eval_input`): the stored-size fit, `augment.eval_view`'s kind and
+size and the per-channel normalisation, whose statistics come from an in-memory training split and exist nowhere
+else, plus the class names. No TensorFlow here: an exported model's metadata carries the same dict to machines with jax alone.
 """
 
 import dataclasses
-import json
-import os
-
-FILENAME = 'inputs.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +30,3 @@ class InputSpec:
       if values[field] is not None:
         values[field] = tuple(values[field])
     return cls(**values)
-
-
-def write(workdir, spec):
-  """Stores `spec` in `workdir` atomically (a crash never leaves a half-written inputs.json)."""
-  path = os.path.join(workdir, FILENAME)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(spec.to_dict(), f, indent=2)
-  os.replace(path + '.tmp', path)

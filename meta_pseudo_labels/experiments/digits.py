@@ -28,6 +28,7 @@ import numpy as np
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import reporting
+from meta_pseudo_labels.rundir import run_directory
 
 RESULTS_FILE = 'digits_results.json'
 TABLE_FILE = 'digits_table.md'
@@ -103,7 +104,7 @@ def _one_run(config, name, seed, workdir, train_fn):
   start = time.time()
   results = train_fn(run_config(config, method, seed), run_dir)
   tag = f'validation/{method.curve_model}/top1'
-  curve = reporting.read_scalars(os.path.join(run_dir, 'tensorboard'), [tag])[tag]
+  curve = sorted(run_directory.read_scalars(run_directory.RunDirectory(run_dir).tensorboard).get(tag, {}).items())
   top1 = {split: {model: values['top1'] for model, values in per_model.items()}
           for split, per_model in results['final'].items()}
   logging.info('digits: %s seed %d: test top-1 %.2f %% (%s), %.0f s', name, seed,

@@ -14,9 +14,6 @@ and, on the clean, weak and strong views of the validation images, the teacher's
 the true class: how often an argmax or a sampled label, what the student learns from on x_s, is right.
 """
 
-import json
-import os
-
 from absl import app
 from absl import flags
 import jax
@@ -28,6 +25,7 @@ from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
+from meta_pseudo_labels.rundir import run_directory
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
 
@@ -50,7 +48,7 @@ def _restore_mpl_state(config, workdir, teacher_model, student_model, input_shap
   abstract = jax.eval_shape(
       lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
       jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints', 'mpl'), keep=1, async_save=False)
+  ckpt = checkpoint.Checkpointer(run_directory.RunDirectory(workdir).checkpoints('mpl'), keep=1, async_save=False)
   try:
     state, _, step = ckpt.restore(None, abstract)
   finally:
@@ -69,8 +67,7 @@ def _recalibrated(model_config, num_classes, variables, images):
 
 
 def diagnose(workdir):
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(run_directory.RunDirectory(workdir).read_config())
   pipeline = input_pipeline.create(config)
   num_classes = pipeline.num_classes
   teacher_model = models.create_model(config.model, num_classes)

@@ -28,21 +28,18 @@ Reliability, by design:
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
 from typing import Any, Callable
 
 from absl import logging
-from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.data import input_pipeline
-from meta_pseudo_labels.data import input_spec
 from meta_pseudo_labels.execution import sharding
 from meta_pseudo_labels.execution import step_builder
 from meta_pseudo_labels.execution import workload
@@ -52,10 +49,9 @@ from meta_pseudo_labels.run import config_validation
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
 from meta_pseudo_labels.rundir import reporting
+from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.rundir import run_report
 from meta_pseudo_labels.trained import warm_start
-
-RESULTS_FILENAME = 'results.json'
 
 # Test-only fault injection (tests/test_reliability.py): `MPL_INJECT_FAULT=<kind>@<phase>:<step>` acts once loop
 # step <step> of <phase> is done, after any checkpoint save of that step has started:
@@ -110,24 +106,6 @@ def _hparams(config_dict):
   """The config as TensorBoard hyper-parameters: 'a.b.c' keys, scalars kept, anything else as its text."""
   return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
           for key, value in traverse_util.flatten_dict(config_dict, sep='.').items()}
-
-
-def _prepare_workdir(workdir):
-  """Creates the workdir (local path or any epath URL) and checks it is writable, before any expensive work.
-
-  Writability is tested by writing and removing a probe file (named after this process, so it never clashes with a
-  file of the run): `os.access` says yes to root on a read-only mount and knows nothing of remote file systems.
-  """
-  path = epath.Path(workdir)
-  probe = path / f'.write_probe.{os.getpid()}.{jax.process_index()}'
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
-    raise errors.ConfigError(f'--workdir {workdir}: cannot write there ({e.strerror or e}); choose a writable '
-                             'directory') from None
-  return path
 
 
 # ---- phases -----------------------------------------------------------------------------------------------------
@@ -187,13 +165,13 @@ def _labeled_batches(pipeline, batch_size, start_step):
 class _Run:
   """State shared by the phases of one run: mesh, reporter, evaluator, bookkeeping carried in checkpoints."""
 
-  def __init__(self, config, workdir, pipeline, mesh, total_steps):
+  def __init__(self, config, rundir, pipeline, mesh, total_steps):
     self.config = config
-    self.workdir = workdir
+    self.rundir = rundir
     self.pipeline = pipeline
     self.mesh = mesh
     self.is_primary = jax.process_index() == 0
-    self.reporter = reporting.Reporter(os.fspath(workdir), total_steps, self.is_primary)
+    self.reporter = reporting.Reporter(rundir.tensorboard, total_steps, self.is_primary)
     self.evaluator = evaluation.Evaluator(pipeline, mesh)
     self.has_validation = pipeline.split_sizes.get('validation', 0) > 0
     self.rng = jax.random.key(config.seed)
@@ -216,7 +194,7 @@ class _Run:
       bad_step = int(values['first_bad_step'])
       terms = [name for name, bad in zip(step_builder.guard_terms(metric_names), values['first_bad_terms']) if bad]
       if self.config.on_nonfinite == 'stop':
-        kept = (f'checkpoint {last_saved} in {self.workdir}/checkpoints/{phase.name} is the last good one and is '
+        kept = (f'checkpoint {last_saved} in {self.rundir.checkpoints(phase.name)} is the last good one and is '
                 'kept' if last_saved is not None else 'no checkpoint of this phase was saved yet')
         raise errors.TrainingError(
             f'{phase.name} step {bad_step}: non-finite {", ".join(terms)}; stopped, {kept}; lower the learning '
@@ -244,7 +222,7 @@ class _Run:
 
     abstract_state = jax.eval_shape(phase.init, init_rng, source)
     state_shardings = sharding.state_shardings(abstract_state, self.mesh, config.mesh.fsdp_min_size)
-    ckpt = checkpoint.Checkpointer(self.workdir / 'checkpoints' / phase.name, keep=config.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(self.rundir.checkpoints(phase.name), keep=config.keep_checkpoints)
     try:
       restored = ckpt.restore(None, sharding.with_shardings(abstract_state, state_shardings))
       if restored is None:
@@ -322,21 +300,21 @@ class _Run:
 def train_and_evaluate(config, workdir):
   """Trains and evaluates `config` in `workdir` (resuming from its checkpoints); returns the results dict."""
   config_validation.validate(config, jax.device_count())
-  path = _prepare_workdir(workdir)
+  rundir = run_directory.RunDirectory(workdir).prepare(jax.process_index())
   config_dict = config.to_dict()
-  changed = checkpoint.check_compatible(os.fspath(path), config_dict)
+  changed = rundir.check_compatible(config_dict)
   if changed:
     logging.warning('Resuming %s with changed fields %s', workdir, changed)
   pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
-  main_phase, initial_networks = warm_start.prepare(config, main_phase, pipeline.num_classes, path / 'checkpoints')
+  main_phase, initial_networks = warm_start.prepare(config, main_phase, pipeline.num_classes, rundir)
   if jax.process_index() == 0:
-    checkpoint.write_config(os.fspath(path), config_dict)
-    input_spec.write(os.fspath(path), pipeline.input_spec)
+    rundir.write_config(config_dict)
+    rundir.write_inputs(pipeline.input_spec.to_dict())
 
   total_steps = main_phase.num_steps + (finetune_phase.num_steps if finetune_phase else 0)
-  run = _Run(config, path, pipeline, mesh, total_steps)
+  run = _Run(config, rundir, pipeline, mesh, total_steps)
   run.reporter.hparams(_hparams(config_dict))
   logging.info('Split sizes: %s; mesh %s', pipeline.split_sizes, dict(mesh.shape))
 
@@ -361,16 +339,13 @@ def train_and_evaluate(config, workdir):
       'config': config_dict,
   }
   if jax.process_index() == 0:
-    results_path = path / RESULTS_FILENAME
-    partial = path / f'{RESULTS_FILENAME}.tmp'   # a crash mid-write never leaves a truncated results.json
-    partial.write_text(json.dumps(results, indent=2, sort_keys=True))
-    partial.replace(results_path)
-    run_report.write(os.fspath(path), run.reporter.logdir, final, pipeline.input_spec.class_names)
-    _print_summary(final, path, run.reporter.logdir)
+    rundir.write_results(results)
+    run_report.write(rundir, final, pipeline.input_spec.class_names)
+    _print_summary(final, rundir)
   return results
 
 
-def _print_summary(final, path, logdir):
+def _print_summary(final, rundir):
   splits = list(final)
   model_names = list(final[splits[-1]])
   width = max(len(name) for name in model_names)
@@ -378,4 +353,5 @@ def _print_summary(final, path, logdir):
   for name in model_names:
     lines.append(f'{name:<{width}}  ' + '  '.join(f'{100 * final[split][name]["top1"]:>15.2f}%' for split in splits))
   print('\n'.join(lines))
-  print(f'Results: {path / RESULTS_FILENAME}\nTensorBoard: tensorboard --logdir {logdir}', flush=True)
+  print(f'Results: {rundir / run_directory.RESULTS}\nTensorBoard: tensorboard --logdir {rundir.tensorboard}',
+        flush=True)

@@ -9,14 +9,10 @@ What it adds to orbax, and why:
   processes it defers to orbax / `multihost_utils.reached_preemption_sync_point`, so every host saves the same step.
 - `read_variables(directory, path)`: one network's parameters and BatchNorm statistics out of a phase's newest
   checkpoint, read alone (no optimizer state, nothing written), for prediction, export and warm starts.
-- `check_compatible(workdir, config)`: a workdir keeps the config it was started with (`config.json`); resuming it
-  with a config that builds a differently shaped state is refused with a one-line CheckpointError before anything
-  is read or written.
+- The directory is a local path or a URL (`gs://...`, run_directory.py) and reaches orbax unchanged.
 """
 
-import json
 import logging as python_logging
-import os
 import signal
 import threading
 
@@ -26,30 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from meta_pseudo_labels import errors
-
-CONFIG_FILENAME = 'config.json'
-
-# Fields that decide the shapes and structure of the saved state (or the meaning of its step counter), and the
-# fields that decide the data splits and the random streams: resuming with any of them changed either cannot work or
-# silently makes another run (a new split_seed could put examples the model was trained on as labeled into the
-# validation split), so it is refused. Other fields (step counts, learning rates, cadence) may change on resume.
-STATE_DEFINING_FIELDS = (
-    'method', 'model', 'student_model', 'dataset.source', 'dataset.name', 'dataset.num_classes',
-    'dataset.image_size', 'teacher_optimizer.momentum', 'teacher_optimizer.nesterov',
-    'student_optimizer.momentum', 'student_optimizer.nesterov', 'finetune.optimizer.momentum',
-    'finetune.optimizer.nesterov', 'mpl.feedback',
-    'seed', 'dataset.split_seed', 'dataset.train_split', 'dataset.num_labeled', 'dataset.num_validation',
-    'dataset.num_unlabeled', 'dataset.unlabeled_source',
-)
-# Fields whose zero / non-zero choice adds or removes a stage of the optimizer chain (optimizers.create_optimizer),
-# hence a node of the optimizer state: only that choice must match, the value may change.
-# Fields inside STATE_DEFINING_FIELDS' subtrees that change memory and FLOPs only, not the state: a run may resume
-# with another rematerialisation policy (and a workdir written before the field existed resumes).
-STATE_FREE_FIELDS = ('model.remat', 'student_model.remat')
-STATE_SWITCH_FIELDS = tuple(f'{optimizer}.{field}'
-                            for optimizer in ('teacher_optimizer', 'student_optimizer', 'finetune.optimizer')
-                            for field in ('weight_decay', 'grad_clip_norm'))
-
+from meta_pseudo_labels.rundir import run_directory
 
 class _QuietOrbax(python_logging.Filter):
   """Drops INFO records of orbax (dozens of lines per checkpoint); its warnings and errors still show."""
@@ -61,67 +34,6 @@ class _QuietOrbax(python_logging.Filter):
 def quiet_orbax_logs():
   """For the programs: keeps orbax's INFO chatter out of the absl log."""
   logging.get_absl_handler().addFilter(_QuietOrbax())
-
-
-def _lookup(tree, dotted):
-  for key in dotted.split('.'):
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
-def check_compatible(workdir, config_dict):
-  """Raises CheckpointError if `workdir` was started with a config whose state cannot be restored by this one.
-
-  Args:
-    workdir: the run's directory.
-    config_dict: the new config as a plain dict (`config.to_dict()`).
-  Returns:
-    The names of the fields that differ but are allowed to (for a warning), or [] for a fresh workdir.
-  """
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  if not os.path.exists(path):
-    return []
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.CheckpointError(
-        f'{path}: unreadable ({e}); restore it or use a new --workdir') from None
-  config_dict = json.loads(json.dumps(config_dict))   # as config.json stores it (tuples become lists)
-  for tree in (saved, config_dict):
-    for name in STATE_FREE_FIELDS:
-      parent, _, key = name.rpartition('.')
-      if isinstance(_lookup(tree, parent), dict):
-        _lookup(tree, parent).pop(key, None)
-  clashes = [name for name in STATE_DEFINING_FIELDS if _lookup(saved, name) != _lookup(config_dict, name)]
-  clashes += [name for name in STATE_SWITCH_FIELDS if bool(_lookup(saved, name)) != bool(_lookup(config_dict, name))]
-  if clashes:
-    name = clashes[0]
-    why = ' (zero and non-zero build different optimizer states)' if name in STATE_SWITCH_FIELDS else ''
-    raise errors.CheckpointError(
-        f'{workdir} holds a run with {name}={_lookup(saved, name)!r}, this config has '
-        f'{_lookup(config_dict, name)!r}{why}: use a new --workdir, or resume with the config in {path}')
-  return sorted(_differences(saved, config_dict))
-
-
-def _differences(a, b, prefix=''):
-  for key in sorted(set(a) | set(b)):
-    x, y = a.get(key), b.get(key)
-    if isinstance(x, dict) and isinstance(y, dict):
-      yield from _differences(x, y, f'{prefix}{key}.')
-    elif x != y:
-      yield f'{prefix}{key}'
-
-
-def write_config(workdir, config_dict):
-  """Stores the config next to the checkpoints (atomically: a crash never leaves a half-written config.json)."""
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _key_name(key):
@@ -145,7 +57,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory, keep, async_save=True):
-    self.directory = os.path.abspath(directory)
+    self.directory = run_directory.as_path(directory)   # a URL stays a URL: orbax writes gs:// itself
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
@@ -245,9 +157,9 @@ class Checkpointer:
     """Renames damaged steps out of orbax's view (so the run can save those steps again) without deleting them."""
     if jax.process_index() == 0:
       for s in bad_steps:
-        src = os.path.join(self.directory, str(s))
-        if os.path.isdir(src):
-          os.replace(src, f'{src}.corrupt')
+        src = self.directory / str(s)
+        if src.is_dir():
+          src.rename(self.directory / f'{s}.corrupt')
     self._manager.reload()
 
   def wait(self):
@@ -273,7 +185,8 @@ def read_variables(directory, path):
   A damaged or foreign checkpoint is a CheckpointError naming it; unlike `Checkpointer.restore`, nothing is renamed
   or written, and no older step is tried (that would silently be another model).
   """
-  if not os.path.isdir(directory):
+  directory = run_directory.as_path(directory)
+  if not directory.is_dir():
     raise errors.CheckpointError(f'{directory}: no such checkpoint directory; did the run reach this phase?')
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),

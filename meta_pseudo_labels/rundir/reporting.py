@@ -1,13 +1,12 @@
 """Metrics and progress: a thin wrapper over clu's metric writers, so the training loop never imports clu.
 
 Scalars go to TensorBoard event files under `workdir/tensorboard` and to the log (clu's default writer). Only the
-primary process writes event files; the others log; `read_scalars` reads them back (sweeps plot their curves), and
+primary process writes event files; the others log; `run_directory.read_scalars` reads them back, and
 `write_sweep_results` writes and prints a sweep's table and JSON.
 `progress(step)` adds a line with steps/s and an ETA measured between two calls, so call it where the host has
 synchronised with the device (at log steps, after fetching metrics) or the rate would measure dispatch, not
 computation."""
 
-import glob
 import json
 import os
 import time
@@ -27,9 +26,9 @@ def format_duration(seconds):
 class Reporter:
   """Writes scalars/hparams and reports progress over `total_steps` (all phases of a run, one global step axis)."""
 
-  def __init__(self, workdir, total_steps, is_primary=True):
+  def __init__(self, logdir, total_steps, is_primary=True):
     self.total_steps = total_steps
-    self.logdir = f'{workdir}/tensorboard'
+    self.logdir = os.fspath(logdir)   # a URL stays one (clu writes through TensorFlow's file systems)
     self._writer = metric_writers.create_default_writer(
         self.logdir if is_primary else None, just_logging=not is_primary, asynchronous=True)
     self._last = None   # (step, time) of the previous progress() call
@@ -60,19 +59,6 @@ class Reporter:
 
   def close(self):
     self._writer.close()
-
-
-def read_scalars(logdir, tags):
-  """{tag: [(step, value), ...] sorted by step} of the `tags` written to the event files under `logdir`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only reading event files back needs TF
-  scalars = {tag: {} for tag in tags}
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag in scalars:
-          number = value.simple_value if value.HasField('simple_value') else float(tf.make_ndarray(value.tensor))
-          scalars[value.tag][event.step] = number
-  return {tag: sorted(values.items()) for tag, values in scalars.items()}
 
 
 def write_sweep_results(config, paths, table, fields, headline):

@@ -7,16 +7,15 @@ the UDA confidence-mask rate, the learning rates. Below, per split (validation, 
 final model (rows: true class, normalised to 1) and their per-class top-1 accuracies.
 """
 
-import glob
+import io
 import math
-import os
 
 from matplotlib.backends import backend_agg
 from matplotlib import figure as mpl_figure
 import numpy as np
-import tensorflow as tf
 
-FILENAME = 'report.png'
+from meta_pseudo_labels.rundir import run_directory
+
 MAX_CLASS_LABELS = 30   # more classes: no tick labels (unreadable), the matrix alone
 
 # Panel title -> which scalar tags it draws (a predicate on the tag).
@@ -28,25 +27,6 @@ CURVES = (
     ('UDA mask rate', lambda tag: tag.endswith('/uda_mask_rate')),
     ('learning rate', lambda tag: tag.endswith('/learning_rate')),
 )
-
-
-def read_scalars(logdir):
-  """{tag: {step: value}} from every TensorBoard event file in `logdir` (in file-name order: later files win)."""
-  scalars = {}
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(path):
-        for value in event.summary.value:
-          if value.HasField('simple_value'):
-            number = value.simple_value
-          elif value.metadata.plugin_data.plugin_name == 'scalars':
-            number = float(tf.make_ndarray(value.tensor))
-          else:
-            continue
-          scalars.setdefault(value.tag, {})[event.step] = number
-    except tf.errors.DataLossError:   # the tail of a killed process's file; what was read before stays
-      continue
-  return scalars
 
 
 def _draw_curves(axes, title, series):
@@ -106,10 +86,10 @@ def _draw_per_class(axes, title, per_model, class_names):
   axes.legend(fontsize='x-small')
 
 
-def write(workdir, logdir, final, class_names=None):
-  """Draws `workdir/report.png` from the event files in `logdir` and the final evaluation `final`
-  ({split: {model: Evaluator.evaluate's metrics, with 'confusion'}}); returns its path."""
-  scalars = read_scalars(logdir)
+def write(rundir, final, class_names=None):
+  """Draws `report.png` of the run_directory.RunDirectory `rundir` from its event files and the final evaluation
+  `final` ({split: {model: Evaluator.evaluate's metrics, with 'confusion'}}); returns its path."""
+  scalars = run_directory.read_scalars(rundir.tensorboard)
   splits = list(final)
   models = list(final[splits[-1]])
   num_classes = len(final[splits[-1]][models[0]]['confusion'])
@@ -128,8 +108,9 @@ def write(workdir, logdir, final, class_names=None):
                       f'{split}: {model}, top-1 {100 * metrics["top1"]:.1f}%', metrics['confusion'], class_names)
     _draw_per_class(fig.add_subplot(grid[row, len(models):]), f'{split}: per-class top-1', final[split],
                     class_names)
-  fig.suptitle(f'{os.path.basename(os.path.normpath(workdir))}: learning curves (top), final models (below)')
-  path = os.path.join(workdir, FILENAME)
-  fig.savefig(path + '.tmp.png', dpi=80)
-  os.replace(path + '.tmp.png', path)
+  fig.suptitle(f'{rundir.path.name}: learning curves (top), final models (below)')
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=80)
+  path = rundir / run_directory.REPORT
+  run_directory.write_bytes(path, png.getvalue())
   return path

@@ -5,8 +5,9 @@ Prediction, export and warm starts (`config.teacher_init` / `config.student_init
     network = trained_models.restore(workdir, 'student_finetuned')   # or trained_models.load('W:teacher')
     logits = network.module().apply(network.variables, inputs, train=False)
 
-A workdir holds `config.json` (the run's config, checkpoint.write_config), `inputs.json` (the input spec:
-preprocessing, channel statistics and class names, `input_spec`) and `checkpoints/<phase>/<step>`.
+A workdir (rundir/run_directory.py: a local path or a gs:// URL) holds `config.json` (the run's config),
+`inputs.json` (the input spec: preprocessing, channel statistics and class names, `input_spec`) and
+`checkpoints/<phase>/<step>`; it is read through `run_directory.RunDirectory` alone.
 Network names are the ones the run's evaluation reports (results.json): for method 'mpl' 'teacher', 'student' and
 'student_ema' (phase 'mpl') and 'student_finetuned' (phase 'finetune'); for 'supervised' / 'uda' 'model' and
 'model_ema'. Only the network's parameters and BatchNorm statistics are read, never an optimizer state.
@@ -17,8 +18,8 @@ An exported directory holds `variables.npz` (the same two collections, keys 'par
 """
 
 import dataclasses
+import io
 import json
-import os
 import types
 from typing import Any
 
@@ -31,6 +32,7 @@ from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
 from meta_pseudo_labels.data import input_spec
 from meta_pseudo_labels.rundir import checkpoint
+from meta_pseudo_labels.rundir import run_directory
 
 # name -> (phase, keys of the network's {'params', 'batch_stats'} in that phase's state, its architecture's field).
 # Phase None: the run's method ('supervised' | 'uda' train one network in a phase named after the method).
@@ -70,19 +72,9 @@ class TrainedNetwork:
     return f'{self.model_config["name"]!r} with {self.num_classes} classes'
 
 
-def _read_json(path, what):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise errors.CheckpointError(f'{path}: missing, so this is not {what}') from None
-  except (OSError, ValueError) as e:
-    raise errors.CheckpointError(f'{path}: unreadable ({e}); restore it from a copy') from None
-
-
 def run_config(workdir):
   """The config a workdir was trained with (config.json), as a plain dict."""
-  return _read_json(os.path.join(workdir, checkpoint.CONFIG_FILENAME), 'a training workdir')
+  return run_directory.RunDirectory(workdir).read_config()
 
 
 def network_names(config):
@@ -107,11 +99,13 @@ def _model_config(config, field):
 
 def read_input_spec(workdir, config):
   """The input spec the run saved; for a workdir trained before inputs.json existed, rebuilt from its data."""
-  path = os.path.join(workdir, input_spec.FILENAME)
-  if os.path.exists(path):
-    return input_spec.InputSpec.from_dict(_read_json(path, 'a training workdir'))
+  rundir = run_directory.RunDirectory(workdir)
+  saved = rundir.read_inputs()
+  if saved is not None:
+    return input_spec.InputSpec.from_dict(saved)
   logging.warning('%s is missing (a run of an older version): reading the training data %s again for its channel '
-                  'statistics', path, config['dataset']['data_dir'] or config['dataset']['name'])
+                  'statistics', rundir / run_directory.INPUTS,
+                  config['dataset']['data_dir'] or config['dataset']['name'])
   # Only this fallback needs TensorFlow and ml_collections: everything else here runs with jax alone.
   import ml_collections  # pylint: disable=g-import-not-at-top
   from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -128,7 +122,7 @@ def restore(workdir, name=None):
                              f'choose one of {available}')
   phase, path, field = NETWORKS[name]
   phase = phase or config['method']
-  directory = os.path.join(workdir, 'checkpoints', phase)
+  directory = run_directory.RunDirectory(workdir).checkpoints(phase)
   variables, step = checkpoint.read_variables(directory, path)
   if step != _phase_steps(config, phase):
     logging.warning('%s: the newest checkpoint is step %d of %d: the run did not finish, using it as it is',
@@ -148,32 +142,35 @@ def _unflatten(flat):
 
 
 def is_artifact(directory):
-  return os.path.isfile(os.path.join(directory, ARTIFACT_METADATA))
+  return (run_directory.as_path(directory) / ARTIFACT_METADATA).is_file()
 
 
 def write_artifact(directory, network, program_bytes, extra_metadata):
-  """Writes an exported directory: the program, the variables and the metadata (see the module docstring)."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, ARTIFACT_PROGRAM), 'wb') as f:
-    f.write(program_bytes)
+  """Writes an exported directory (a local path or a URL): the program, the variables and the metadata (see the
+  module docstring); the metadata last, so a directory with metadata is complete (`is_artifact`)."""
+  directory = run_directory.as_path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  run_directory.write_bytes(directory / ARTIFACT_PROGRAM, program_bytes)
   variables = traverse_util.flatten_dict(jax.tree.map(np.asarray, network.variables), sep='/')
-  np.savez(os.path.join(directory, ARTIFACT_VARIABLES), **variables)
+  npz = io.BytesIO()
+  np.savez(npz, **variables)
+  run_directory.write_bytes(directory / ARTIFACT_VARIABLES, npz.getvalue())
   metadata = {'network': network.name, 'source': network.source, 'model': network.model_config,
               'num_classes': network.num_classes, 'inputs': network.inputs.to_dict(), **extra_metadata}
-  with open(os.path.join(directory, ARTIFACT_METADATA), 'w') as f:
-    json.dump(metadata, f, indent=2)
+  run_directory.write_bytes(directory / ARTIFACT_METADATA, json.dumps(metadata, indent=2))
 
 
 def read_artifact(directory):
   """The network of an exported directory (its variables and metadata; the program is for jax alone)."""
-  metadata = _read_json(os.path.join(directory, ARTIFACT_METADATA), 'an exported model directory')
-  path = os.path.join(directory, ARTIFACT_VARIABLES)
+  directory = run_directory.as_path(directory)
+  metadata = run_directory.read_json(directory / ARTIFACT_METADATA, 'an exported model directory')
+  path = directory / ARTIFACT_VARIABLES
   try:
-    with np.load(path) as npz:
+    with np.load(io.BytesIO(path.read_bytes())) as npz:
       variables = _unflatten({key: npz[key] for key in npz.files})
   except (OSError, ValueError) as e:
     raise errors.CheckpointError(f'{path}: unreadable ({e}); export the model again') from None
-  return TrainedNetwork(name=metadata['network'], source=directory, model_config=metadata['model'],
+  return TrainedNetwork(name=metadata['network'], source=str(directory), model_config=metadata['model'],
                         num_classes=metadata['num_classes'], variables=variables,
                         inputs=input_spec.InputSpec.from_dict(metadata['inputs']))
 

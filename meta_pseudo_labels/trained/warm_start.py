@@ -12,7 +12,6 @@ then, and the resumed state is bitwise the one saved.
 """
 
 import dataclasses
-import os
 
 from absl import logging
 import jax
@@ -59,14 +58,14 @@ def _check(field, reference, network, abstract_variables, config, model_field, n
         'and class count')
 
 
-def prepare(config, phase, num_classes, checkpoint_dir):
+def prepare(config, phase, num_classes, rundir):
   """Returns `(phase, initial)`: the phase whose init takes the loaded networks, and those networks.
 
   Args:
     config: the run's config.
     phase: the run's main phase (train.Phase: `init(rng, source)`, `name`), unchanged if nothing is to be loaded.
     num_classes: the data's class count.
-    checkpoint_dir: the run's `checkpoints` directory (a phase that has checkpoints resumes; nothing is loaded).
+    rundir: the run's run_directory.RunDirectory (a phase that has checkpoints there resumes; nothing is loaded).
   Returns:
     `(phase, None)` when there is nothing to load; else a phase whose init is `init(rng, initial)` with the
     loaded `{attribute: variables}` put into the fresh state, and `initial` to pass as its source.
@@ -75,8 +74,7 @@ def prepare(config, phase, num_classes, checkpoint_dir):
   wanted = {field: getattr(config, field) for field in FIELDS if getattr(config, field)}
   if not wanted:
     return phase, None
-  phase_dir = os.path.join(os.fspath(checkpoint_dir), phase.name)
-  if os.path.isdir(phase_dir) and any(name.isdigit() for name in os.listdir(phase_dir)):
+  if rundir.has_checkpoints(phase.name):
     logging.info('%s resumes from its own checkpoints: %s not read again', phase.name, ', '.join(wanted))
     return phase, None
   abstract = jax.eval_shape(phase.init, jax.random.key(0), None)
