@@ -42,8 +42,9 @@ def get_config():
   config.mpl.baseline_rate = 0.0           # ours: no moving-average baseline
   config.mpl.pseudo_labels = 'sampled'     # paper: drawn from the teacher (Sec. 2)
   config.label_smoothing = 0.0             # ours: the paper smooths only its image experiments
-  config.uda.weight = 0.0                  # ours: no UDA; Sec. 3.1 describes MPL alone, and points have no
-  config.uda.ramp_steps = 1                #   augmentations to be consistent under
+  # ours: no UDA; Sec. 3.1 describes MPL alone, and points have no augmentations to be consistent under.
+  config.uda.weight = 0.0
+  config.uda.ramp_steps = 1                # unused with weight 0
   config.ema_decay = 0.0                   # ours: no EMA; the student is evaluated as trained
 
   # ours: 50,000 steps, chosen by a convergence criterion applied to the supervised baseline alone, before any MPL

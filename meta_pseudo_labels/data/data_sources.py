@@ -275,6 +275,11 @@ def _npz_arrays(path, stored_size):
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
       raise DataError(f'{path}: y_{split} must be integer labels [N] matching x_{split} (got {y.dtype} '
                       f'{y.shape} for x {x.shape})')
+    out_of_range = (y < np.iinfo(np.int32).min) | (y > np.iinfo(np.int32).max)
+    if out_of_range.any():   # the int32 cast below would wrap them silently onto other classes
+      row = int(np.flatnonzero(out_of_range)[0])
+      raise DataError(f'{path}: y_{split}[{row}] = {int(y[row])} does not fit int32; labels must be class indices '
+                      '0..num_classes-1')
     splits.append(Arrays(_npz_inputs(path, split, x, stored_size), y.astype(np.int32)))
   return splits
 

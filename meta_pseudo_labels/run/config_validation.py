@@ -110,6 +110,8 @@ def validate(config, num_devices):
   """Raises `errors.ConfigError` for the first problem found in a training config (see the module docstring)."""
   method = _choice(config, 'method', METHODS)
   _choice(config, 'on_nonfinite', step_builder.ON_NONFINITE)
+  for field in ('seed', 'dataset.split_seed'):   # roots of jax.random.key and numpy's generators, which want >= 0
+    _integer(config, field, 0)
 
   # Data.
   _choice(config, 'dataset.source', dataset_choices.SOURCES)
