@@ -20,8 +20,15 @@ from meta_pseudo_labels import models
 
 
 def student_model_config(config):
-  """The student's model config: `config.student_model` when it names a model, else the teacher's `config.model`."""
-  return config.student_model if getattr(config.student_model, 'name', '') else config.model
+  """The student's model config: the teacher's `config.model` with the fields `config.student_model` sets when it
+  names a model (its name and remat), else `config.model` itself. The fields it leaves out (compute dtype, dropout,
+  BatchNorm momentum, ...) are the teacher's, not `create_model`'s defaults (float32, no dropout)."""
+  if not getattr(config.student_model, 'name', ''):
+    return config.model
+  merged = config.model.copy_and_resolve_references()
+  with merged.unlocked():
+    merged.update(config.student_model)
+  return merged
 
 
 def model_pair(config):

@@ -22,6 +22,7 @@ import ml_collections
 
 from meta_pseudo_labels import models
 from meta_pseudo_labels.data import input_pipeline
+from meta_pseudo_labels.execution import workload
 from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
@@ -71,7 +72,7 @@ def diagnose(workdir):
   pipeline = input_pipeline.create(config)
   num_classes = pipeline.num_classes
   teacher_model = models.create_model(config.model, num_classes)
-  student_config = config.student_model if config.student_model.name else config.model
+  student_config = workload.student_model_config(config)
   student_model = models.create_model(student_config, num_classes)
   state, step = _restore_mpl_state(config, workdir, teacher_model, student_model, pipeline.input_shape)
   test = list(pipeline.eval_batches('test'))

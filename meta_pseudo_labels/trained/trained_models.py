@@ -94,7 +94,11 @@ def _phase_steps(config, phase):
 
 
 def _model_config(config, field):
-  return config['student_model'] if field == 'student_model' and config['student_model']['name'] else config['model']
+  """The architecture of field `field` (a dict): a named student overrides the teacher's fields it sets
+  (workload.student_model_config on the saved config.json)."""
+  if field == 'student_model' and config['student_model']['name']:
+    return {**config['model'], **config['student_model']}
+  return config['model']
 
 
 def read_input_spec(workdir, config):
