@@ -46,7 +46,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -471,19 +470,17 @@ def _main():
   flags.mark_flags_as_required(['config'])
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    for name, flag in (('warmup', warmup_flag), ('repeats', repeats_flag), ('matmul_size', matmul_flag),
-                       ('pipeline_batches', pipeline_flag)):
-      if flag.value < (1 if name in ('repeats', 'matmul_size') else 0):
-        raise app.UsageError(f'--{name} must be positive, got {flag.value}')
-    try:
+    errors.no_positional_arguments(argv)
+    with errors.one_line_user_errors():
+      for name, flag in (('warmup', warmup_flag), ('repeats', repeats_flag), ('matmul_size', matmul_flag),
+                         ('pipeline_batches', pipeline_flag)):
+        minimum = 1 if name in ('repeats', 'matmul_size') else 0
+        if flag.value < minimum:
+          raise errors.ConfigError(f'--{name}: must be >= {minimum}, got {flag.value}')
       result = run(config_flag.value, feedback_modes=modes_flag.value, warmup=warmup_flag.value,
                    repeats=repeats_flag.value, matmul_size=matmul_flag.value,
                    pipeline_batches=pipeline_flag.value, pipeline_data=pipeline_data_flag.value,
                    torch_reference_on=torch_flag.value)
-    except errors.MplError as error:
-      sys.exit(f'error: {error}')
     print(json.dumps(result, indent=1) if json_flag.value else format_report(result))
 
   app.run(main)

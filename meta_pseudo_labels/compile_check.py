@@ -418,14 +418,10 @@ def _main():
   flags.mark_flags_as_required(['config', 'topology'])
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    try:
+    errors.no_positional_arguments(argv)
+    with errors.one_line_user_errors():
       topology = parse_topology(topology_flag.value, slices_flag.value)
       result = check(config_flag.value, topology)
-    except errors.MplError as error:
-      print(f'error: {error}', file=sys.stderr, flush=True)
-      sys.exit(2)
     print(json.dumps(result, indent=1, sort_keys=True) if json_flag.value else format_report(result), flush=True)
     sys.exit(0 if result['fits'] else 1)
 

@@ -82,7 +82,7 @@ def _parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     errors.exit_with_one_line(str(e).splitlines()[0])
-  except errors.MplError as e:   # raised by a config file's get_config(arg)
+  except errors.MplError as e:   # raised by a config file's get_config(arg), before main's one_line_user_errors
     errors.exit_with_one_line(str(e))
   except OSError as e:   # a config file that cannot be read, with overrides given
     _cannot_load_config(e)
@@ -118,8 +118,7 @@ def _hide_accelerators_from_tensorflow():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; pass settings as --config.field=value')
+  errors.no_positional_arguments(argv)
   if not FLAGS.workdir:
     errors.exit_with_one_line('--workdir is required: the directory for checkpoints and results')
   config = _CONFIG.value
@@ -130,13 +129,12 @@ def main(argv):
       _cannot_load_config(e)
   checkpoint.quiet_orbax_logs()
   try:
-    _hide_accelerators_from_tensorflow()
-    distributed.initialize()
-    logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
-                 jax.local_devices())
-    train_and_evaluate(config, FLAGS.workdir)
-  except errors.MplError as e:
-    errors.exit_with_one_line(str(e))
+    with errors.one_line_user_errors():
+      _hide_accelerators_from_tensorflow()
+      distributed.initialize()
+      logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
+                   jax.local_devices())
+      train_and_evaluate(config, FLAGS.workdir)
   except errors.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)
