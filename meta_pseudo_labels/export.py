@@ -24,11 +24,12 @@ from jax import export as jax_export
 import jax.numpy as jnp
 
 from meta_pseudo_labels import cli
+from meta_pseudo_labels.trained import networks
 from meta_pseudo_labels.trained import trained_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, "The training run's directory.")
-flags.DEFINE_string('model', None, f'The network: one of {list(trained_models.NETWORKS)} that the run trained; '
+flags.DEFINE_string('model', None, f'The network: one of {list(networks.NETWORKS)} that the run trained; '
                     'default: its final network.')
 flags.DEFINE_string('output', None, 'The directory to write the exported model to.')
 flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'Platforms to lower the program for.')

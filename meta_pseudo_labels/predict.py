@@ -36,13 +36,14 @@ from meta_pseudo_labels.data import data_sources
 from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.execution import sharding
 from meta_pseudo_labels.rundir import run_directory
+from meta_pseudo_labels.trained import networks
 from meta_pseudo_labels.trained import trained_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The training run\'s directory (config.json, inputs.json, checkpoints/).')
 flags.DEFINE_string('images', None, 'A directory of .png / .jpg images (searched recursively).')
 flags.DEFINE_string('npz', None, "A .npz file with the inputs under 'x' (or 'x_test', or its only array).")
-flags.DEFINE_string('model', None, f'The network: one of {list(trained_models.NETWORKS)} that the run trained; '
+flags.DEFINE_string('model', None, f'The network: one of {list(networks.NETWORKS)} that the run trained; '
                     'default: its final network.')
 flags.DEFINE_string('output', None, 'The CSV file to write.')
 flags.DEFINE_integer('batch_size', None, 'Inputs per batch (default: the run\'s eval_batch_size), a multiple of '

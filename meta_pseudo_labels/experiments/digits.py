@@ -29,6 +29,7 @@ import numpy as np
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import reporting
 from meta_pseudo_labels.rundir import run_directory
+from meta_pseudo_labels.trained import networks
 
 RESULTS_FILE = 'digits_results.json'
 TABLE_FILE = 'digits_table.md'
@@ -45,12 +46,13 @@ class Method:
 
   @property
   def reported_model(self):
-    return 'student_finetuned' if self.method == 'mpl' else 'model_ema'
+    """The run's last evaluated network: the finetuned student (MPL), the EMA network otherwise."""
+    return networks.of_run(self.method, finetune_steps=1)[-1].name
 
   @property
   def curve_model(self):
-    """The network whose validation accuracy the figure draws (evaluated during the main phase)."""
-    return 'student_ema' if self.method == 'mpl' else 'model_ema'
+    """The network whose validation accuracy the figure draws (the main phase's last, evaluated during it)."""
+    return networks.of_run(self.method, finetune_steps=0)[-1].name
 
 
 METHODS = {
@@ -140,8 +142,9 @@ def format_table(results, names):
     result = results[name]
     reported = result['reported_model']
     per_seed = ', '.join(f'{100 * v:.1f}' for v in result['test_top1'][reported]['per_seed'])
-    lines.append(f"| {name} | {_cell(result, reported)} | {per_seed} | {reported} | {_cell(result, 'teacher')} | "
-                 f"{_cell(result, 'student')} | {_cell(result, 'student_ema')} | {result['description']} |")
+    lines.append(f"| {name} | {_cell(result, reported)} | {per_seed} | {reported} | "
+                 f"{_cell(result, networks.TEACHER.name)} | {_cell(result, networks.STUDENT.name)} | "
+                 f"{_cell(result, networks.STUDENT_EMA.name)} | {result['description']} |")
   return '\n'.join(lines) + '\n'
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
 from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.execution import workload
@@ -27,6 +28,7 @@ from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
 from meta_pseudo_labels.rundir import run_directory
+from meta_pseudo_labels.trained import networks
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
 
@@ -49,7 +51,8 @@ def _restore_mpl_state(config, workdir, teacher_model, student_model, input_shap
   abstract = jax.eval_shape(
       lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
       jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(run_directory.RunDirectory(workdir).checkpoints('mpl'), keep=1, async_save=False)
+  directory = run_directory.RunDirectory(workdir).checkpoints(networks.MPL)
+  ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
   try:
     state, _, step = ckpt.restore(None, abstract)
   finally:
@@ -78,12 +81,12 @@ def diagnose(workdir):
   test = list(pipeline.eval_batches('test'))
   clean = jnp.concatenate([b['image'][b['mask'] > 0] for split in ('train_labeled', 'validation')
                            for b in pipeline.eval_batches(split)])
-  networks = {'teacher': (teacher_model, config.model, state.teacher.variables),
-              'student': (student_model, student_config, state.student.variables),
-              'student_ema': (student_model, student_config, state.student_ema)}
+  architectures = {'model': (teacher_model, config.model), 'student_model': (student_model, student_config)}
   print(f'{workdir}: MPL step {step}; BatchNorm statistics re-estimated on {len(clean)} clean training images')
   print(f'{"network":<12} {"test top-1 as trained":>22} {"re-estimated BN":>16}')
-  for name, (model, model_config, variables) in networks.items():
+  for network in networks.of_phase(networks.MPL):
+    name, variables = network.name, network.variables(state)
+    model, model_config = architectures[network.architecture]
     as_trained = _top1(model.apply, variables, test)
     recalibrated = _top1(model.apply, _recalibrated(model_config, num_classes, variables, clean), test)
     print(f'{name:<12} {100 * as_trained:>21.2f}% {100 * recalibrated:>15.2f}%')
@@ -96,8 +99,9 @@ def diagnose(workdir):
 
 
 def main(argv):
-  del argv
-  diagnose(_WORKDIR.value)
+  errors.no_positional_arguments(argv)
+  with errors.one_line_user_errors():
+    diagnose(_WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -51,6 +51,7 @@ from meta_pseudo_labels.rundir import checkpoint
 from meta_pseudo_labels.rundir import reporting
 from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.rundir import run_report
+from meta_pseudo_labels.trained import networks
 from meta_pseudo_labels.trained import warm_start
 
 # Test-only fault injection (tests/test_reliability.py): `MPL_INJECT_FAULT=<kind>@<phase>:<step>` acts once loop
@@ -90,10 +91,11 @@ def _fault_point(phase_name):
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """One stretch of training with its own state type, step function, data and checkpoint directory."""
-  name: str                      # 'mpl' | 'supervised' | 'uda' | 'finetune': checkpoint sub-directory, log prefix
+  name: str                      # one of networks.PHASES: checkpoint sub-directory, log prefix
   num_steps: int
   global_offset: int             # where the phase starts on the run's step axis (TensorBoard, progress)
-  init: Callable[[Any, Any], Any]        # (rng, source) -> state; pure (jitted with out_shardings)
+  init: Callable[[Any, Any], Any]        # (rng, source) -> state; pure (jitted with out_shardings); source: the
+                                         # networks it starts from (warm_start.load's, the EMA student) or None
   step: Callable[[Any, Any, Any], Any]   # (state, batch, rng) -> (state, metrics); pure
   batches: Callable[[int], Any]          # start_step -> iterator of host-local batches
   eval_models: Callable[[Any], dict]     # state -> {name: (apply_fn, variables)}
@@ -117,29 +119,28 @@ def _phases(config, pipeline):
   teacher_model, student_model = workload.model_pair(config)
   steps = config.num_train_steps
 
-  if config.method == 'mpl':
+  if config.method == networks.MPL:
     hparams = mpl.MplHparams.from_config(config)
     main_phase = Phase(
-        name='mpl', num_steps=steps, global_offset=0,
-        init=lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
+        name=networks.MPL, num_steps=steps, global_offset=0,
+        init=lambda rng, initial: warm_start.apply(
+            train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape), initial),
         step=functools.partial(mpl.mpl_step, hparams=hparams),
         batches=pipeline.mpl_batches,
-        eval_models=lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables),
-                               'student': (s.student.apply_fn, s.student.variables),
-                               'student_ema': (s.student.apply_fn, s.student_ema)})
+        eval_models=_eval_models(networks.MPL, lambda s: {'model': s.teacher.apply_fn,
+                                                          'student_model': s.student.apply_fn}))
   else:
     hparams = mpl.SupervisedHparams.from_config(config)
     main_phase = Phase(
         name=config.method, num_steps=steps, global_offset=0,
-        init=lambda rng, _: train_state.create_supervised_state(
+        init=lambda rng, initial: warm_start.apply(train_state.create_supervised_state(
             rng, teacher_model, config.teacher_optimizer, input_shape, total_steps=steps,
-            name='teacher_optimizer'),
+            name='teacher_optimizer'), initial),
         step=functools.partial(mpl.supervised_step, hparams=hparams),
         batches=(pipeline.mpl_batches if config.method == 'uda'
                  else functools.partial(_labeled_batches, pipeline, config.batch_size)),
-        eval_models=lambda s: {'model': (s.network.apply_fn, s.network.variables),
-                               'model_ema': (s.network.apply_fn, s.ema)})
-  if config.method != 'mpl' or not config.finetune.num_steps:
+        eval_models=_eval_models(config.method, lambda s: {'model': s.network.apply_fn}))
+  if config.method != networks.MPL or not config.finetune.num_steps:
     return main_phase, None
 
   finetune_steps = config.finetune.num_steps
@@ -151,11 +152,18 @@ def _phases(config, pipeline):
     return train_state.SupervisedState(step=jnp.zeros((), jnp.int32), network=network, ema=None)
 
   finetune_phase = Phase(
-      name='finetune', num_steps=finetune_steps, global_offset=steps, init=finetune_init,
+      name=networks.FINETUNE, num_steps=finetune_steps, global_offset=steps, init=finetune_init,
       step=functools.partial(mpl.finetune_step, hparams=mpl.SupervisedHparams.for_finetune(config)),
       batches=functools.partial(_labeled_batches, pipeline, config.finetune.batch_size),
-      eval_models=lambda s: {'student_finetuned': (s.network.apply_fn, s.network.variables)})
+      eval_models=_eval_models(networks.FINETUNE, lambda s: {'student_model': s.network.apply_fn}))
   return main_phase, finetune_phase
+
+
+def _eval_models(phase_name, apply_fns):
+  """state -> {network: (apply_fn, variables)} of the networks `phase_name` trains (networks.py's table), where
+  `apply_fns(state)` maps an architecture field ('model', 'student_model') to the state's apply function."""
+  return lambda s: {network.name: (apply_fns(s)[network.architecture], network.variables(s))
+                    for network in networks.of_phase(phase_name)}
 
 
 def _labeled_batches(pipeline, batch_size, start_step):
@@ -216,7 +224,7 @@ class _Run:
   def run_phase(self, phase, source=None):
     """Trains `phase` to its end (resuming from its newest checkpoint) and returns its final state."""
     config = self.config
-    phase_index = ('mpl', 'supervised', 'uda', 'finetune').index(phase.name)
+    phase_index = networks.PHASES.index(phase.name)
     init_rng = jax.random.fold_in(self.rng, 2 * phase_index)
     step_rng = jax.random.fold_in(self.rng, 2 * phase_index + 1)
 
@@ -308,7 +316,8 @@ def train_and_evaluate(config, workdir):
   pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
-  main_phase, initial_networks = warm_start.prepare(config, main_phase, pipeline.num_classes, rundir)
+  initial_networks = warm_start.load(config, jax.eval_shape(main_phase.init, jax.random.key(0), None),
+                                     pipeline.num_classes, rundir, main_phase.name)
   if jax.process_index() == 0:
     rundir.write_config(config_dict)
     rundir.write_inputs(pipeline.input_spec.to_dict())
@@ -332,8 +341,7 @@ def train_and_evaluate(config, workdir):
   run.reporter.close()
   results = {
       'final': {split: evaluation.for_json(per_model) for split, per_model in final.items()},
-      'steps': {main_phase.name: main_phase.num_steps,
-                **({'finetune': finetune_phase.num_steps} if finetune_phase else {})},
+      'steps': {phase.name: phase.num_steps for phase in (main_phase, finetune_phase) if phase},
       'nonfinite_skipped': run.nonfinite_skipped,
       'wall_time_s': run.wall_time(),
       'config': config_dict,

@@ -8,9 +8,10 @@ Prediction, export and warm starts (`config.teacher_init` / `config.student_init
 A workdir (rundir/run_directory.py: a local path or a gs:// URL) holds `config.json` (the run's config),
 `inputs.json` (the input spec: preprocessing, channel statistics and class names, `input_spec`) and
 `checkpoints/<phase>/<step>`; it is read through `run_directory.RunDirectory` alone.
-Network names are the ones the run's evaluation reports (results.json): for method 'mpl' 'teacher', 'student' and
-'student_ema' (phase 'mpl') and 'student_finetuned' (phase 'finetune'); for 'supervised' / 'uda' 'model' and
-'model_ema'. Only the network's parameters and BatchNorm statistics are read, never an optimizer state.
+Network names are the ones the run's evaluation reports (results.json), from the table in networks.py: for method
+'mpl' 'teacher', 'student' and 'student_ema' (phase 'mpl') and 'student_finetuned' (phase 'finetune'); for
+'supervised' / 'uda' 'model' and 'model_ema'. Only the network's parameters and BatchNorm statistics are read,
+never an optimizer state.
 
 An exported directory holds `variables.npz` (the same two collections, keys 'params/<module>/.../<name>'),
 `metadata.json` (architecture, class count, input spec, where it came from) and `model.jax_exported`
@@ -33,20 +34,8 @@ from meta_pseudo_labels import models
 from meta_pseudo_labels.data import input_spec
 from meta_pseudo_labels.rundir import checkpoint
 from meta_pseudo_labels.rundir import run_directory
+from meta_pseudo_labels.trained import networks
 
-# name -> (phase, keys of the network's {'params', 'batch_stats'} in that phase's state, its architecture's field).
-# Phase None: the run's method ('supervised' | 'uda' train one network in a phase named after the method).
-NETWORKS = {
-    'teacher': ('mpl', ('teacher',), 'model'),
-    'student': ('mpl', ('student',), 'student_model'),
-    'student_ema': ('mpl', ('student_ema',), 'student_model'),
-    'student_finetuned': ('finetune', ('network',), 'student_model'),
-    'model': (None, ('network',), 'model'),
-    'model_ema': (None, ('ema',), 'model'),
-}
-# A phase named instead of a network stands for the phase's final network: the one MPL reports (App. C: the EMA
-# student) and finetunes, the finetuned student, the supervised / UDA network itself.
-PHASE_NETWORKS = {'mpl': 'student_ema', 'finetune': 'student_finetuned', 'supervised': 'model', 'uda': 'model'}
 
 ARTIFACT_VARIABLES = 'variables.npz'
 ARTIFACT_METADATA = 'metadata.json'
@@ -56,7 +45,7 @@ ARTIFACT_PROGRAM = 'model.jax_exported'
 @dataclasses.dataclass(frozen=True)
 class TrainedNetwork:
   """One trained network: its architecture, variables (numpy) and what it takes as input."""
-  name: str                    # a key of NETWORKS
+  name: str                    # a key of networks.NETWORKS
   source: str                  # where it was read (a checkpoint step directory or an exported directory)
   model_config: dict           # the run's `model` / `student_model` config (models.create_model's fields)
   num_classes: int
@@ -79,18 +68,16 @@ def run_config(workdir):
 
 def network_names(config):
   """The networks a run of `config` (a dict) trains, in evaluation order."""
-  if config['method'] == 'mpl':
-    return ['teacher', 'student', 'student_ema'] + (['student_finetuned'] if config['finetune']['num_steps'] else [])
-  return ['model', 'model_ema']
+  return [network.name for network in networks.of_run(config['method'], config['finetune']['num_steps'])]
 
 
 def final_network(config):
   """The run's final network: the finetuned student, else the EMA student (MPL); the network itself otherwise."""
-  return network_names(config)[-1] if config['method'] == 'mpl' else 'model'
+  return networks.final(config['method'], config['finetune']['num_steps']).name
 
 
 def _phase_steps(config, phase):
-  return config['finetune']['num_steps'] if phase == 'finetune' else config['num_train_steps']
+  return config['finetune']['num_steps'] if phase == networks.FINETUNE else config['num_train_steps']
 
 
 def _model_config(config, field):
@@ -124,15 +111,15 @@ def restore(workdir, name=None):
   if name not in available:
     raise errors.ConfigError(f'{workdir}: the run (method {config["method"]!r}) has no network {name!r}; '
                              f'choose one of {available}')
-  phase, path, field = NETWORKS[name]
-  phase = phase or config['method']
+  network = networks.NETWORKS[name]
+  phase = network.phase_of(config['method'])
   directory = run_directory.RunDirectory(workdir).checkpoints(phase)
-  variables, step = checkpoint.read_variables(directory, path)
+  variables, step = checkpoint.read_variables(directory, network.state_path)
   if step != _phase_steps(config, phase):
     logging.warning('%s: the newest checkpoint is step %d of %d: the run did not finish, using it as it is',
                     directory, step, _phase_steps(config, phase))
-  return TrainedNetwork(name=name, source=f'{directory}/{step}', model_config=_model_config(config, field),
-                        num_classes=config['dataset']['num_classes'], variables=variables,
+  return TrainedNetwork(name=name, source=f'{directory}/{step}',
+                        model_config=_model_config(config, network.architecture), num_classes=config['dataset']['num_classes'], variables=variables,
                         inputs=read_input_spec(workdir, config))
 
 
@@ -188,8 +175,10 @@ def parse_reference(reference):
   The suffix counts only if it names a network or phase, so paths with colons (gs://...) stay whole.
   """
   directory, _, suffix = reference.rpartition(':')
-  if directory and (suffix in NETWORKS or suffix in PHASE_NETWORKS):
-    return directory, PHASE_NETWORKS.get(suffix, suffix)
+  if directory and suffix in networks.PHASE_FINAL_NETWORK:
+    return directory, networks.PHASE_FINAL_NETWORK[suffix].name
+  if directory and suffix in networks.NETWORKS:
+    return directory, suffix
   return reference, None
 
 

@@ -11,25 +11,33 @@ run reads them: a run resuming from its own checkpoints never does, so a moved o
 then, and the resumed state is bitwise the one saved.
 """
 
-import dataclasses
-
 from absl import logging
 import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.trained import networks
 from meta_pseudo_labels.trained import trained_models
 
 FIELDS = ('teacher_init', 'student_init')
 
 
 def _roles(config):
-  """field -> (the state's network attribute, the config field of its architecture, what the error calls it)."""
-  if config.method == 'mpl':
-    return {'teacher_init': ('teacher', 'model', 'the teacher'),
-            'student_init': ('student', 'student_model', 'the student')}
-  return {'teacher_init': ('network', 'model', f'the {config.method} network')}
+  """field -> the network of networks.py's table it replaces (its state attribute and architecture field)."""
+  if config.method == networks.MPL:
+    return {'teacher_init': networks.TEACHER, 'student_init': networks.STUDENT}
+  return {'teacher_init': networks.MODEL}
+
+
+# The EMA of a started network starts as its copy (the state attribute of each).
+_EMA_OF = {networks.STUDENT.state_path[0]: networks.STUDENT_EMA.state_path[0],
+           networks.MODEL.state_path[0]: networks.MODEL_EMA.state_path[0]}
+
+
+def _what(config, network):
+  """What the errors call the network."""
+  return f'the {config.method} network' if network.phase is None else f'the {network.name}'
 
 
 def _architecture(config, field, num_classes):
@@ -58,50 +66,51 @@ def _check(field, reference, network, abstract_variables, config, model_field, n
         'and class count')
 
 
-def prepare(config, phase, num_classes, rundir):
-  """Returns `(phase, initial)`: the phase whose init takes the loaded networks, and those networks.
+def load(config, abstract_state, num_classes, rundir, phase_name):
+  """The networks `config.teacher_init` / `student_init` name, as `{state attribute: variables}` for `apply`.
 
   Args:
     config: the run's config.
-    phase: the run's main phase (train.Phase: `init(rng, source)`, `name`), unchanged if nothing is to be loaded.
+    abstract_state: the main phase's fresh state (`jax.eval_shape` of its init): the shapes the networks must have.
     num_classes: the data's class count.
-    rundir: the run's run_directory.RunDirectory (a phase that has checkpoints there resumes; nothing is loaded).
+    rundir: the run's run_directory.RunDirectory.
+    phase_name: the main phase's name (if it has checkpoints in `rundir`, it resumes and nothing is loaded).
   Returns:
-    `(phase, None)` when there is nothing to load; else a phase whose init is `init(rng, initial)` with the
-    loaded `{attribute: variables}` put into the fresh state, and `initial` to pass as its source.
+    The loaded networks, or None when there is nothing to load.
   """
   roles = _roles(config)
   wanted = {field: getattr(config, field) for field in FIELDS if getattr(config, field)}
   if not wanted:
-    return phase, None
-  if rundir.has_checkpoints(phase.name):
-    logging.info('%s resumes from its own checkpoints: %s not read again', phase.name, ', '.join(wanted))
-    return phase, None
-  abstract = jax.eval_shape(phase.init, jax.random.key(0), None)
+    return None
+  if rundir.has_checkpoints(phase_name):
+    logging.info('%s resumes from its own checkpoints: %s not read again', phase_name, ', '.join(wanted))
+    return None
   initial = {}
   for field, reference in wanted.items():
-    attribute, model_field, what = roles[field]
+    target = roles[field]
+    attribute, what = target.state_path[0], _what(config, target)
     try:
       network = trained_models.load(reference)
     except errors.MplError as e:
       raise type(e)(f'{field}: {e}') from None
-    _check(field, reference, network, getattr(abstract, attribute).variables, config, model_field, num_classes,
+    _check(field, reference, network, target.variables(abstract_state), config, target.architecture, num_classes,
            what)
     logging.info('%s: %s starts from %s (%s)', field, what, network.source, network.architecture)
     initial[attribute] = network.variables
+  return initial
 
-  def init(rng, networks):
-    state = phase.init(rng, None)
-    updates = {}
-    for attribute, variables in networks.items():
-      variables = jax.tree.map(jnp.asarray, variables)
-      updates[attribute] = getattr(state, attribute).replace(params=variables['params'],
-                                                             batch_stats=variables['batch_stats'])
-      copy = jax.tree.map(jnp.copy, variables)
-      if attribute == 'student':
-        updates['student_ema'] = copy
-      elif attribute == 'network' and state.ema is not None:
-        updates['ema'] = copy
-    return state.replace(**updates)
 
-  return dataclasses.replace(phase, init=init), initial
+def apply(state, initial):
+  """`state` (a fresh state of the main phase) with the `load`ed networks' parameters and BatchNorm statistics in
+  place of the fresh ones, their EMAs started as copies of them; `state` itself when `initial` is None."""
+  if not initial:
+    return state
+  updates = {}
+  for attribute, variables in initial.items():
+    variables = jax.tree.map(jnp.asarray, variables)
+    updates[attribute] = getattr(state, attribute).replace(params=variables['params'],
+                                                           batch_stats=variables['batch_stats'])
+    ema = _EMA_OF.get(attribute)   # the teacher has none
+    if ema and getattr(state, ema, None) is not None:
+      updates[ema] = jax.tree.map(jnp.copy, variables)
+  return state.replace(**updates)
