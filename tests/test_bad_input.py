@@ -3,8 +3,8 @@
 
 A few mistakes go through the real command line (`python -m meta_pseudo_labels.main`), with a workdir that already
 holds a run's files which must stay byte-identical; the rest call the same checks in-process (`main` reaches them
-through the same functions: config_validation.validate, input_pipeline.create, train._prepare_workdir,
-checkpoint.check_compatible).
+through the same functions: config_validation.validate, input_pipeline.create, RunDirectory.prepare,
+RunDirectory.check_compatible).
 """
 import hashlib
 import os
@@ -23,6 +23,7 @@ from configs import two_moons
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.run import config_validation
 from meta_pseudo_labels.rundir import checkpoint
+from meta_pseudo_labels.rundir import run_directory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TWO_MOONS = ('--config=configs/two_moons.py', '--config.experiment=train', '--config.num_train_steps=4')
@@ -43,7 +44,7 @@ def _populated_workdir(path, config_dict=None):
     (path / name).parent.mkdir(parents=True, exist_ok=True)
     (path / name).write_bytes(content)
   if config_dict is not None:
-    checkpoint.write_config(str(path), config_dict)
+    run_directory.RunDirectory(path).write_config(config_dict)
   return path
 
 
@@ -108,6 +109,30 @@ def test_cli_unknown_config_field(tmp_path):
   line = _assert_one_line_error(_main(workdir, *TWO_MOONS, '--config.modle.name=wrn28_2'), "'modle'",
                                 '--config.modle.name', "did you mean 'model'?", '--helpfull')
   assert _snapshot(workdir) == before, line
+
+
+def test_cli_negative_seed(tmp_path):
+  workdir = _populated_workdir(tmp_path / 'w')
+  before = _snapshot(workdir)
+  _assert_one_line_error(_main(workdir, *TWO_MOONS, '--config.seed=-1'), 'seed: must be an integer >= 0, got -1')
+  assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('program, flags, fragment', [
+    ('predict', ('--workdir={tmp}/w', '--output={tmp}/p.csv', 'extra'), "unexpected arguments ['extra']"),
+    ('experiments.student_diagnosis', ('--workdir={tmp}/no_such_run',), 'no_such_run/config.json: missing'),
+    ('benchmark', ('--config=configs/two_moons.py', '--repeats=0'), '--repeats: must be >= 1, got 0'),
+    ('compile_check', ('--config=configs/cifar10_4k.py', '--topology=v9-8'), '--topology:'),
+], ids=['predict', 'student_diagnosis', 'benchmark', 'compile_check'])
+def test_every_program_ends_a_mistake_with_one_line_and_exit_2(tmp_path, program, flags, fragment):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  flags = [flag.format(tmp=tmp_path) for flag in flags]
+  completed = subprocess.run([sys.executable, '-m', f'meta_pseudo_labels.{program}', *flags], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert 'Traceback' not in completed.stderr, completed.stderr[-3000:]
+  line = completed.stderr.strip().splitlines()[-1]
+  assert line.startswith('error: ') and fragment in line, completed.stderr[-3000:]
 
 
 def test_cli_wrong_type(tmp_path):
@@ -217,6 +242,8 @@ def _vector_config(**overrides):
     (_image_config, {'dataset.source': 'ftp'}, 1, "dataset.source: unknown value 'ftp'; choose one of"),
     (_vector_config, {'mpl.pseudo_labels': 'hard'}, 1, "mpl.pseudo_labels: 'hard' was renamed 'argmax'"),
     (_vector_config, {'num_train_steps': -3}, 1, 'num_train_steps: must be an integer >= 1, got -3'),
+    (_vector_config, {'seed': -1}, 1, 'seed: must be an integer >= 0, got -1'),
+    (_vector_config, {'dataset.split_seed': -2}, 1, 'dataset.split_seed: must be an integer >= 0, got -2'),
     (_vector_config, {'finetune.num_steps': -1}, 1, 'finetune.num_steps: must be an integer >= 0, got -1'),
     (_vector_config, {}, 4, 'batch_size: 6 is not divisible by the 4 devices'),
     (_image_config, {'eval_batch_size': 12}, 8, 'eval_batch_size: 12 is not divisible by the 8 devices'),
@@ -310,7 +337,8 @@ def test_impossible_labeled_split(tmp_path, num_classes, num_labeled, error, mes
     ({}, r'd.npz: x_train has 1 non-finite value \(NaN or inf\), the first in row 7; remove or replace'),
     ({'x_test': _vectors_with(np.nan)[4:8]}, r'd.npz: x_test has 1 non-finite value .*the first in row 3'),
     ({'y_test': [0, 1, -1, 1]}, r"npz '.*d.npz': the test labels include -1, which is not a class index"),
-], ids=['inf_in_x_train', 'nan_in_x_test', 'negative_test_label'])
+    ({'y_test': [0, 1, 2**32 + 1, 1]}, r'd.npz: y_test\[2\] = 4294967297 does not fit int32; labels must be class'),
+], ids=['inf_in_x_train', 'nan_in_x_test', 'negative_test_label', 'label_wrapping_in_int32'])
 def test_npz_contents_that_would_train_wrong(tmp_path, test_split, message):
   x = _vectors_with(np.inf if not test_split else 0.0)[:8]
   data = _npz_file(tmp_path / 'd.npz', x, np.arange(8) % 2, test_split.get('x_test', x[:4]),
@@ -323,13 +351,12 @@ def test_npz_contents_that_would_train_wrong(tmp_path, test_split, message):
 
 
 def test_read_only_workdir_in_process(tmp_path):
-  from meta_pseudo_labels.run import train  # pylint: disable=g-import-not-at-top  # TensorFlow
   readonly = _readonly_dir(tmp_path)
   for workdir in (readonly, readonly / 'run'):
     with pytest.raises(errors.ConfigError, match='cannot write there'):
-      train._prepare_workdir(str(workdir))  # pylint: disable=protected-access
+      run_directory.RunDirectory(str(workdir)).prepare()
   assert not list(readonly.glob('.write_probe*'))
-  assert train._prepare_workdir(str(tmp_path / 'new' / 'run')).is_dir()  # pylint: disable=protected-access
+  assert run_directory.RunDirectory(str(tmp_path / 'new' / 'run')).prepare().path.is_dir()
   assert not list((tmp_path / 'new' / 'run').iterdir())   # the probe file is gone
 
 
@@ -337,7 +364,8 @@ def test_read_only_workdir_in_process(tmp_path):
                                           ('dataset.num_labeled', 8), ('teacher_optimizer.weight_decay', 1e-4)])
 def test_resuming_with_a_run_defining_field_changed_is_refused(tmp_path, field, value):
   saved = _vector_config().to_dict()
-  checkpoint.write_config(str(tmp_path), saved)
+  rundir = run_directory.RunDirectory(tmp_path)
+  rundir.write_config(saved)
   before = _snapshot(tmp_path)
   changed = _vector_config().to_dict()
   *parents, leaf = field.split('.')
@@ -346,9 +374,9 @@ def test_resuming_with_a_run_defining_field_changed_is_refused(tmp_path, field, 
     node = node[parent]
   node[leaf] = value
   with pytest.raises(errors.CheckpointError, match=rf'holds a run with {field}=.*use a new --workdir'):
-    checkpoint.check_compatible(str(tmp_path), changed)
+    rundir.check_compatible(changed)
   assert _snapshot(tmp_path) == before
-  assert checkpoint.check_compatible(str(tmp_path), dict(saved, num_train_steps=99)) == ['num_train_steps']
+  assert rundir.check_compatible(dict(saved, num_train_steps=99)) == ['num_train_steps']
 
 
 def test_checkpoint_of_another_config_without_config_json_is_refused_and_left_alone(tmp_path):

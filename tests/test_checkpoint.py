@@ -9,6 +9,7 @@ import pytest
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import checkpoint
+from meta_pseudo_labels.rundir import run_directory
 
 
 def _state(value):
@@ -101,15 +102,16 @@ def test_half_written_save_is_ignored(tmp_path):
 
 def test_incompatible_config_is_refused_and_compatible_differences_listed(tmp_path):
   config = {'method': 'mpl', 'model': {'name': 'wrn28_2'}, 'num_train_steps': 10}
-  assert checkpoint.check_compatible(str(tmp_path), config) == []
-  checkpoint.write_config(str(tmp_path), config)
+  rundir = run_directory.RunDirectory(tmp_path)
+  assert rundir.check_compatible(config) == []
+  rundir.write_config(config)
   longer = dict(config, num_train_steps=20)
-  assert checkpoint.check_compatible(str(tmp_path), longer) == ['num_train_steps']
+  assert rundir.check_compatible(longer) == ['num_train_steps']
   rematerialised = dict(config, model={'name': 'wrn28_2', 'remat': 'block'})   # memory, not state: resumes
-  assert checkpoint.check_compatible(str(tmp_path), rematerialised) == []
+  assert rundir.check_compatible(rematerialised) == []
   other_model = dict(config, model={'name': 'resnet18'})
   with pytest.raises(errors.CheckpointError, match=r"model=\{'name': 'wrn28_2'\}.*use a new --workdir"):
-    checkpoint.check_compatible(str(tmp_path), other_model)
+    rundir.check_compatible(other_model)
   assert (tmp_path / 'config.json').read_text().count('wrn28_2') == 1
 
 
@@ -120,3 +122,24 @@ def test_sigterm_sets_the_preemption_flag_without_exiting(tmp_path):
   assert ckpt.reached_preemption(1)
   ckpt.close()
   assert signal.getsignal(signal.SIGTERM) is not ckpt._on_sigterm  # pylint: disable=protected-access
+
+
+def test_a_url_reaches_orbax_unchanged():
+  """`os.path.abspath('gs://b/r')` is '<cwd>/gs:/b/r': the checkpointer must keep the URL (tests/test_remote_workdir.py
+  runs a whole training on one)."""
+  assert str(run_directory.RunDirectory('gs://bucket/run').checkpoints('mpl')) == 'gs://bucket/run/checkpoints/mpl'
+  assert str(run_directory.as_path('relative/run')) == os.path.abspath('relative/run')
+
+
+def test_event_files_damaged_at_the_tail_keep_what_was_read(tmp_path):
+  """One reader of event files (run_report, the sweeps): a killed process's truncated tail costs only that tail."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  with writer.as_default():
+    for step in range(3):
+      tf.summary.scalar('loss', float(step), step=step)
+  writer.close()
+  path, = tmp_path.glob('events.out.tfevents.*')
+  assert run_directory.read_scalars(tmp_path) == {'loss': {0: 0.0, 1: 1.0, 2: 2.0}}
+  path.write_bytes(path.read_bytes()[:-7])   # the last record cut short
+  assert run_directory.read_scalars(tmp_path) == {'loss': {0: 0.0, 1: 1.0}}
