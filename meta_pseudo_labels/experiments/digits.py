@@ -171,7 +171,7 @@ def plot_validation(path, results, names, num_steps):
   axis.grid(alpha=0.3)
   axis.legend(fontsize=8)
   figure.tight_layout()
-  figure.savefig(path, dpi=90)
+  run_directory.save_figure(figure, path, dpi=90)
   plt.close(figure)
 
 
@@ -188,7 +188,7 @@ def run(config, workdir, *, train_fn):
   _share_compilations(workdir)
   seeds = list(range(config.sweep.num_seeds))
   results = {name: _method_result(config, name, seeds, workdir, train_fn) for name in names}
-  os.makedirs(workdir, exist_ok=True)
+  run_directory.as_path(workdir).mkdir(parents=True, exist_ok=True)
   paths = {key: os.path.join(workdir, file) for key, file in
            (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}
   table = format_table(results, names)

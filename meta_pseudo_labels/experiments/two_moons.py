@@ -32,6 +32,7 @@ from meta_pseudo_labels.method import mpl
 from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import reporting
+from meta_pseudo_labels.rundir import run_directory
 
 RESULTS_FILE = 'two_moons_results.json'
 TABLE_FILE = 'two_moons_table.md'
@@ -306,7 +307,7 @@ def plot_boundaries(path, points, labels, panels):
   for axis in axes.ravel()[len(panels):]:
     axis.axis('off')
   figure.tight_layout()
-  figure.savefig(path, dpi=80)
+  run_directory.save_figure(figure, path, dpi=80)
   plt.close(figure)
 
 
@@ -364,7 +365,7 @@ def run(config, workdir):
   panels = [panel for _, panel, _ in outputs]
   labeled = outputs[0][2]   # the same for every method
 
-  os.makedirs(workdir, exist_ok=True)
+  run_directory.as_path(workdir).mkdir(parents=True, exist_ok=True)
   table = format_table(results, names)
   paths = {key: os.path.join(workdir, file) for key, file in
            (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}

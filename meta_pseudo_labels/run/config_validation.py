@@ -16,7 +16,6 @@ to `models`.
 
 import math
 import numbers
-import os
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
@@ -25,6 +24,7 @@ from meta_pseudo_labels.execution import sharding
 from meta_pseudo_labels.execution import step_builder
 from meta_pseudo_labels.method import mpl
 from meta_pseudo_labels.method import optimizers
+from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.trained import trained_models
 
 METHODS = ('mpl', 'supervised', 'uda')   # train.py's programs: MPL + finetuning, or one network alone
@@ -150,7 +150,7 @@ def validate(config, num_devices):
     if reference and field == 'student_init' and method != 'mpl':
       raise errors.ConfigError(f"student_init: method {method!r} trains no student; use teacher_init for its network")
     directory, _ = trained_models.parse_reference(reference)
-    if reference and not os.path.isdir(directory):
+    if reference and not run_directory.as_path(directory).is_dir():   # a gs:// URL stays one
       raise errors.ConfigError(f'{field}: {directory} is not a directory; name a training workdir or an exported '
                                'model directory')
 

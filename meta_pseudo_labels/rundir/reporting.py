@@ -15,6 +15,8 @@ from absl import logging
 from clu import metric_writers
 import jax
 
+from meta_pseudo_labels.rundir import run_directory
+
 
 def format_duration(seconds):
   seconds = int(round(seconds))
@@ -64,12 +66,10 @@ class Reporter:
 def write_sweep_results(config, paths, table, fields, headline):
   """Writes a sweep's markdown table and its JSON (`fields`, the versions, the config and the files), then prints
   `headline`, the table and where the files are; returns the JSON's contents."""
-  with open(paths['table'], 'w') as f:
-    f.write(table)
+  run_directory.write_bytes(run_directory.as_path(paths['table']), table)
   summary = {**fields, 'jax_version': jax.__version__, 'backend': jax.default_backend(),
              'config': json.loads(config.to_json_best_effort()), 'files': paths}
-  with open(paths['results'], 'w') as f:
-    json.dump(summary, f, indent=1)
+  run_directory.write_bytes(run_directory.as_path(paths['results']), json.dumps(summary, indent=1))
   print(f'{headline}\n{table}', flush=True)
   for key, path in paths.items():
     print(f'{key}: {path}', flush=True)

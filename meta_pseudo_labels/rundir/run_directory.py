@@ -19,6 +19,7 @@ s3://) the object is written directly, since an object upload becomes visible on
 there is a copy plus a delete, no more atomic than the upload itself.
 """
 
+import io
 import json
 import os
 import struct
@@ -75,6 +76,13 @@ def write_bytes(path, data):
   partial = path.parent / f'{path.name}.tmp'
   partial.write_bytes(data)
   partial.replace(path)
+
+
+def save_figure(figure, path, **savefig_options):
+  """A matplotlib figure as a PNG at `path` (a local path or a URL), written atomically."""
+  png = io.BytesIO()
+  figure.savefig(png, format='png', **savefig_options)
+  write_bytes(as_path(path), png.getvalue())
 
 
 def read_json(path, what):

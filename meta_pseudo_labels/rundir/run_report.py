@@ -7,7 +7,6 @@ the UDA confidence-mask rate, the learning rates. Below, per split (validation, 
 final model (rows: true class, normalised to 1) and their per-class top-1 accuracies.
 """
 
-import io
 import math
 
 from matplotlib.backends import backend_agg
@@ -109,8 +108,6 @@ def write(rundir, final, class_names=None):
     _draw_per_class(fig.add_subplot(grid[row, len(models):]), f'{split}: per-class top-1', final[split],
                     class_names)
   fig.suptitle(f'{rundir.path.name}: learning curves (top), final models (below)')
-  png = io.BytesIO()
-  fig.savefig(png, format='png', dpi=80)
   path = rundir / run_directory.REPORT
-  run_directory.write_bytes(path, png.getvalue())
+  run_directory.save_figure(fig, path, dpi=80)
   return path
