@@ -141,5 +141,10 @@ def test_event_files_damaged_at_the_tail_keep_what_was_read(tmp_path):
   writer.close()
   path, = tmp_path.glob('events.out.tfevents.*')
   assert run_directory.read_scalars(tmp_path) == {'loss': {0: 0.0, 1: 1.0, 2: 2.0}}
-  path.write_bytes(path.read_bytes()[:-7])   # the last record cut short
+  intact = path.read_bytes()
+  path.write_bytes(intact[:-7])   # the last record cut short
+  assert run_directory.read_scalars(tmp_path) == {'loss': {0: 0.0, 1: 1.0}}
+  flipped = bytearray(intact)
+  flipped[-10] ^= 0xFF   # a byte of the last record's data: its checksum fails
+  path.write_bytes(bytes(flipped))
   assert run_directory.read_scalars(tmp_path) == {'loss': {0: 0.0, 1: 1.0}}

@@ -221,14 +221,21 @@ def _differences(a, b, prefix=''):
 
 
 def _records(data):
-  """The records of a TFRecord file's bytes (length, its CRC, data, its CRC); stops at a truncated tail."""
+  """The records of a TFRecord file's bytes (length, its masked CRC-32C, data, its masked CRC-32C), up to the first
+  damaged one (a truncated tail or a checksum mismatch: what follows is not trusted)."""
+  # pylint: disable=g-import-not-at-top  # TensorBoard's pure-Python CRC-32C (TensorFlow's reader wants a gfile path)
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
   offset = 0
   while offset + 12 <= len(data):
-    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    header, (header_crc,) = data[offset:offset + 8], struct.unpack('<I', data[offset + 8:offset + 12])
+    (length,) = struct.unpack('<Q', header)
     start, end = offset + 12, offset + 12 + length
-    if end + 4 > len(data):
+    if masked_crc32c(header) != header_crc or end + 4 > len(data):
       return
-    yield data[start:end]
+    record = data[start:end]
+    if masked_crc32c(record) != struct.unpack('<I', data[end:end + 4])[0]:
+      return
+    yield record
     offset = end + 4
 
 
@@ -241,10 +248,7 @@ def read_scalars(logdir):
   scalars = {}
   for path in sorted(epath.Path(logdir).glob('events.out.tfevents.*')):
     for record in _records(path.read_bytes()):
-      try:
-        event = tf.compat.v1.Event.FromString(record)
-      except Exception:  # pylint: disable=broad-except  # a damaged record: the rest of the file is not trusted
-        break
+      event = tf.compat.v1.Event.FromString(record)
       for value in event.summary.value:
         if value.HasField('simple_value'):
           number = value.simple_value
