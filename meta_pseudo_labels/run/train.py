@@ -316,8 +316,7 @@ def train_and_evaluate(config, workdir):
   pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
-  initial_networks = warm_start.load(config, jax.eval_shape(main_phase.init, jax.random.key(0), None),
-                                     pipeline.num_classes, rundir, main_phase.name)
+  initial_networks = warm_start.load(config, main_phase.init, pipeline.num_classes, rundir, main_phase.name)
   if jax.process_index() == 0:
     rundir.write_config(config_dict)
     rundir.write_inputs(pipeline.input_spec.to_dict())

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import run_directory
 
+
 class _QuietOrbax(python_logging.Filter):
   """Drops INFO records of orbax (dozens of lines per checkpoint); its warnings and errors still show."""
 

@@ -66,12 +66,12 @@ def _check(field, reference, network, abstract_variables, config, model_field, n
         'and class count')
 
 
-def load(config, abstract_state, num_classes, rundir, phase_name):
+def load(config, init, num_classes, rundir, phase_name):
   """The networks `config.teacher_init` / `student_init` name, as `{state attribute: variables}` for `apply`.
 
   Args:
     config: the run's config.
-    abstract_state: the main phase's fresh state (`jax.eval_shape` of its init): the shapes the networks must have.
+    init: the main phase's `init(rng, initial)`: its fresh state's shapes are those the networks must have.
     num_classes: the data's class count.
     rundir: the run's run_directory.RunDirectory.
     phase_name: the main phase's name (if it has checkpoints in `rundir`, it resumes and nothing is loaded).
@@ -85,6 +85,7 @@ def load(config, abstract_state, num_classes, rundir, phase_name):
   if rundir.has_checkpoints(phase_name):
     logging.info('%s resumes from its own checkpoints: %s not read again', phase_name, ', '.join(wanted))
     return None
+  abstract_state = jax.eval_shape(init, jax.random.key(0), None)
   initial = {}
   for field, reference in wanted.items():
     target = roles[field]
