@@ -29,7 +29,9 @@ def optimizer_config(*, learning_rate, warmup_steps, wait_steps=0, weight_decay=
 def get_base_config():
   """The complete field set; experiment configs change values, never add fields."""
   config = ml_collections.ConfigDict()
-  config.experiment = 'train'   # 'train': one run (train.py); 'two_moons': the Sec. 3.1 sweep; 'digits': the 8x8 sweep
+  # 'train': one run (train.py); 'two_moons': the Sec. 3.1 sweep; 'digits': the 8x8 sweep; 'precompute_targets':
+  # a trained teacher's targets for Reduced MPL (`reduced`)
+  config.experiment = 'train'
   config.method = 'mpl'         # 'mpl' | 'supervised' (labeled only) | 'uda' (teacher's sup+UDA loss alone)
   config.seed = 0
 
@@ -86,6 +88,16 @@ def get_base_config():
       h_sign=1.0,               # +1: h = CE_old - CE_new (correct); -1: the flipped sign of released code
       baseline_rate=0.0,        # alpha of the moving-average baseline b <- b + alpha (h - b); 0 disables
       pseudo_labels='sampled',  # 'sampled' (paper) | 'argmax' (released code) | 'soft'; 'exact' always uses soft
+      teacher='network',        # 'network' | 'reduced': Reduced MPL's T_R on stored targets (App. E; `reduced`)
+  ))
+  # Reduced MPL (paper App. E; README "Reduced Meta Pseudo Labels"): a trained teacher's distributions on the
+  # unlabeled pool, precomputed once (experiment 'precompute_targets'), read by the reduced teacher T_R.
+  config.reduced = ml_collections.ConfigDict(dict(
+      teacher='',               # precompute: the trained teacher, 'W', 'W:<network>' (model_ema, student_finetuned, ...)
+      targets_dir='',           # training with mpl.teacher='reduced': the precompute's --workdir
+      top_k=8,                  # ours: classes stored per image (4k+2 bytes; the rest mass spread evenly)
+      hidden_sizes=(512, 512),  # ours: T_R's ReLU MLP (App. E: "a multi-layer perceptron", size not checked here)
+      chunk_size=4096,          # precompute: images per file (the unit of resume)
   ))
   config.label_smoothing = 0.15
   config.uda = ml_collections.ConfigDict(dict(

@@ -42,6 +42,7 @@ EXPERIMENTS = {
     'train': ('meta_pseudo_labels.run.train', 'train_and_evaluate'),
     'two_moons': ('meta_pseudo_labels.experiments.two_moons', 'run'),
     'digits': ('meta_pseudo_labels.experiments.digits', 'run'),
+    'precompute_targets': ('meta_pseudo_labels.experiments.precompute_targets', 'run'),   # Reduced MPL, App. E
 }
 # Sweeps of whole training runs: their function also takes `train_fn`, the 'train' program (program modules never
 # import one another, so main, which dispatches them all, hands it over).

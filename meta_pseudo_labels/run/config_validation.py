@@ -169,6 +169,19 @@ def validate(config, num_devices):
   _optimizer(config, 'student_optimizer')
   _optimizer(config, 'finetune.optimizer')
   mpl.MplHparams.from_config(config)   # the MPL fields' ranges and combinations (module docstring)
+  if method == 'mpl' and config.mpl.teacher == 'reduced':
+    # Reduced MPL (App. E): T_R on a trained teacher's stored targets (trained/teacher_targets.py checks them).
+    if not config.reduced.targets_dir:
+      raise errors.ConfigError('reduced.targets_dir: empty; mpl.teacher=reduced reads a teacher\'s stored targets: '
+                               'write them with --config.experiment=precompute_targets --workdir=DIR, then set '
+                               '--config.reduced.targets_dir=DIR')
+    if config.teacher_init:
+      raise errors.ConfigError('teacher_init: the reduced teacher T_R starts at the identity on the stored targets; '
+                               'the trained teacher goes into reduced.teacher of the precompute, not here')
+    _integer(config, 'reduced.top_k', 1)
+    if any(not isinstance(size, int) or size < 1 for size in config.reduced.hidden_sizes):
+      raise errors.ConfigError(f'reduced.hidden_sizes: {tuple(config.reduced.hidden_sizes)}; need positive integers '
+                               '(() is allowed: T_R is then a residual linear map)')
   wait_steps, num_train_steps = config.student_optimizer.wait_steps, config.num_train_steps
   if method == 'mpl' and wait_steps >= num_train_steps:
     raise errors.ConfigError(f'student_optimizer.wait_steps: the student waits {wait_steps} steps at lr 0 but the run '

@@ -2,7 +2,9 @@
 
 `train_and_evaluate(config, workdir)` runs, by `config.method`:
 - 'mpl': the MPL phase (teacher and student, `num_train_steps`, Pham et al. Sec. 2-3), then the student's
-  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). Finetuning starts from the EMA student, the
+  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). With `mpl.teacher='reduced'` (Reduced MPL,
+  App. E) the teacher is T_R on a trained teacher's stored targets (`reduced.targets_dir`, joined to the unlabeled
+  batches by example id: trained/teacher_targets.py); the rest is the same. Finetuning starts from the EMA student, the
   network the MPL phase evaluates and selects (App. C: the EMA student is the one reported), with a fresh optimizer.
 - 'supervised' (labeled batches only) and 'uda' (the teacher's supervised + UDA loss alone): one phase of
   `mpl.supervised_step` with the teacher's optimizer.
@@ -53,6 +55,7 @@ from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
 from meta_pseudo_labels.rundir import reporting
 from meta_pseudo_labels.rundir import run_report
+from meta_pseudo_labels.trained import teacher_targets
 from meta_pseudo_labels.trained import warm_start
 
 RESULTS_FILENAME = 'results.json'
@@ -139,7 +142,19 @@ def _phases(config, pipeline):
   teacher_model, student_model = workload.model_pair(config)
   steps = config.num_train_steps
 
-  if config.method == 'mpl':
+  if config.method == 'mpl' and config.mpl.teacher == 'reduced':
+    hparams = mpl.MplHparams.from_config(config)
+    targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
+                                   num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
+    main_phase = Phase(
+        name='mpl', num_steps=steps, global_offset=0,
+        init=lambda rng, _: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape),
+        step=functools.partial(mpl.mpl_step, hparams=hparams),
+        batches=lambda start: teacher_targets.joined_batches(
+            pipeline.mpl_batches(start, with_unlabeled_index=True), targets),
+        eval_models=lambda s: {'student': (s.student.apply_fn, s.student.variables),   # T_R reads no image
+                               'student_ema': (s.student.apply_fn, s.student_ema)})
+  elif config.method == 'mpl':
     hparams = mpl.MplHparams.from_config(config)
     main_phase = Phase(
         name='mpl', num_steps=steps, global_offset=0,
