@@ -27,11 +27,7 @@ from meta_pseudo_labels.trained import teacher_targets
 from meta_pseudo_labels.trained import trained_models
 
 
-def _check_teacher(network, config, pipeline):
-  if network.num_classes != config.dataset.num_classes:
-    raise errors.ConfigError(f'reduced.teacher={config.reduced.teacher}: the teacher has {network.num_classes} '
-                             f'classes, dataset.num_classes is {config.dataset.num_classes}; use a teacher of this '
-                             'dataset')
+def _check_inputs(network, config, pipeline):
   if tuple(network.inputs.input_shape) != tuple(pipeline.input_shape):
     raise errors.ConfigError(f'reduced.teacher={config.reduced.teacher}: the teacher takes inputs of shape '
                              f'{tuple(network.inputs.input_shape)}, this config makes {tuple(pipeline.input_shape)}; '
@@ -53,9 +49,13 @@ def run(config, workdir):
     raise errors.ConfigError(f'reduced.top_k={top_k} must be in [1, dataset.num_classes] and reduced.chunk_size='
                              f'{chunk_size} at least 1')
   network = trained_models.load(config.reduced.teacher)
+  if network.num_classes != config.dataset.num_classes:
+    raise errors.ConfigError(f'reduced.teacher={config.reduced.teacher}: the teacher has {network.num_classes} '
+                             f'classes, dataset.num_classes is {config.dataset.num_classes}; use a teacher of this '
+                             'dataset')
   host, hosts = jax.process_index(), jax.process_count()
   pipeline = input_pipeline.create(config, process_index=host, process_count=hosts)
-  _check_teacher(network, config, pipeline)
+  _check_inputs(network, config, pipeline)
   pool_ids = pipeline.unlabeled_ids()
   total = teacher_targets.num_chunks(len(pool_ids), chunk_size)
   directory = teacher_targets.epath.Path(workdir)

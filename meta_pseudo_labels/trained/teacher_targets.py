@@ -22,6 +22,7 @@ the joined batch is the same in a resumed run as in an uninterrupted one. The ta
 
 import io
 import json
+import zipfile
 from typing import Any, Iterator
 
 from etils import epath
@@ -56,14 +57,25 @@ def write_atomically(path: epath.Path, data: bytes):
   partial.replace(path)
 
 
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+  """An .npz (np.load reads it) whose bytes depend on the arrays alone: np.savez stamps each member with the
+  current time, so a resumed precompute would not reproduce a file byte for byte."""
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_STORED) as archive:
+    for name, array in arrays.items():
+      member = io.BytesIO()
+      np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+      archive.writestr(zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+  return buffer.getvalue()
+
+
 def write_chunk(directory, chunk, ids, targets):
   """Chunk `chunk`: `ids` [S] and the stored targets (reduced_teacher.top_k_targets, numpy) of those examples."""
   classes = np.asarray(targets['top_classes'])
   class_dtype = np.uint16 if classes.max(initial=0) < 2**16 else np.int32
-  buffer = io.BytesIO()
-  np.savez(buffer, ids=np.asarray(ids, np.int64), top_log_probs=np.asarray(targets['top_log_probs'], np.float16),
-           top_classes=classes.astype(class_dtype), rest_mass=np.asarray(targets['rest_mass'], np.float16))
-  write_atomically(chunk_path(directory, chunk), buffer.getvalue())
+  write_atomically(chunk_path(directory, chunk), npz_bytes({
+      'ids': np.asarray(ids, np.int64), 'top_log_probs': np.asarray(targets['top_log_probs'], np.float16),
+      'top_classes': classes.astype(class_dtype), 'rest_mass': np.asarray(targets['rest_mass'], np.float16)}))
 
 
 def read_metadata(directory) -> dict:
