@@ -121,7 +121,7 @@ def test_exact_meta_gradient_matches_float64_finite_differences_and_the_step():
 
 def _one_step(feedback, pseudo_labels, student_lr=0.1, perturb=True):
   config = reduced_config(student_lr=student_lr)
-  student_model, input_shape = tm.MODELS['convnet']
+  student_model, input_shape = tm.MODELS['mlp']
   state = train_state.create_reduced_mpl_state(jax.random.key(0), config, student_model, input_shape)
   if perturb:
     state = state.replace(teacher=state.teacher.replace(**_perturbed(state.teacher.variables, 1)))

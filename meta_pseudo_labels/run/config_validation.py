@@ -170,11 +170,8 @@ def validate(config, num_devices):
   _optimizer(config, 'finetune.optimizer')
   mpl.MplHparams.from_config(config)   # the MPL fields' ranges and combinations (module docstring)
   if method == 'mpl' and config.mpl.teacher == 'reduced':
-    # Reduced MPL (App. E): T_R on a trained teacher's stored targets (trained/teacher_targets.py checks them).
-    if not config.reduced.targets_dir:
-      raise errors.ConfigError('reduced.targets_dir: empty; mpl.teacher=reduced reads a teacher\'s stored targets: '
-                               'write them with --config.experiment=precompute_targets --workdir=DIR, then set '
-                               '--config.reduced.targets_dir=DIR')
+    # Reduced MPL (App. E): T_R on a trained teacher's stored targets (reduced.targets_dir: trained/teacher_targets.py
+    # checks them when the run starts; compile_check needs none).
     if config.teacher_init:
       raise errors.ConfigError('teacher_init: the reduced teacher T_R starts at the identity on the stored targets; '
                                'the trained teacher goes into reduced.teacher of the precompute, not here')

@@ -79,6 +79,10 @@ def write_chunk(directory, chunk, ids, targets):
 
 
 def read_metadata(directory) -> dict:
+  if not directory:
+    raise errors.DataError('reduced.targets_dir: empty; mpl.teacher=reduced reads a trained teacher\'s stored '
+                           'targets: write them with --config.experiment=precompute_targets --workdir=DIR, then set '
+                           '--config.reduced.targets_dir=DIR')
   path = epath.Path(directory) / METADATA_FILENAME
   if not path.exists():
     raise errors.DataError(f'reduced.targets_dir={directory}: no stored targets there ({METADATA_FILENAME} is '
