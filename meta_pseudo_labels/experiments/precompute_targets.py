@@ -11,13 +11,16 @@ evaluation mode; its distribution is stored in the compact form of models/reduce
 
 Files, resume and hosts: trained/teacher_targets.py. Rerunning the same command after a kill skips the finished
 chunks (their images are still read by the input pipeline, but not run through the teacher). A progress line with
-the rate and the time left is logged after every chunk. The teacher runs on one device per host.
+the rate, the time left and the stored form's measured error (total variation against the teacher's full
+distribution, mean and max so far) is logged after every chunk, and the error of the whole run printed at the end.
+The teacher runs on one device per host.
 """
 
 import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
@@ -68,13 +71,20 @@ def run(config, workdir):
 
   module, device = network.module(), jax.local_devices()[0]
   variables = jax.device_put(network.variables, device)
-  predict = jax.jit(lambda variables, images: reduced_teacher.top_k_targets(
-      module.apply(variables, images, train=False), top_k))
+
+  @jax.jit
+  def predict(variables, images):
+    """The stored form of the teacher's distributions, and its error: TV(p_T, p_hat) per image."""
+    logits = module.apply(variables, images, train=False)
+    targets = reduced_teacher.top_k_targets(logits, top_k)
+    stored = reduced_teacher.stored_distribution(targets, network.num_classes)
+    return targets, 0.5 * jnp.abs(jax.nn.softmax(logits, axis=-1) - stored).sum(-1)
+
   mine = [c for c in range(host, total, hosts)]
   todo = [c for c in mine if not teacher_targets.chunk_path(directory, c).exists()]
   logging.info('precompute: %d unlabeled images, %d chunks of %d; this host (%d of %d) has %d, %d left to compute',
                len(pool_ids), total, chunk_size, host, hosts, len(mine), len(todo))
-  start, done = time.monotonic(), 0
+  start, done, worst_tv, tv_sum, tv_count = time.monotonic(), 0, 0.0, 0.0, 0
   batches = pipeline.unlabeled_eval_batches(chunk_size * hosts)
   for batch_index, batch in enumerate(batches):
     chunk = batch_index * hosts + host
@@ -86,13 +96,18 @@ def run(config, workdir):
     if not np.array_equal(ids, expected):   # the pipeline's pool order is what the join relies on
       raise errors.DataError(f'precompute: chunk {chunk} holds ids {ids[:3]}..., the pool order says '
                              f'{expected[:3]}...; the input pipeline is not deterministic here')
-    targets = jax.device_get(predict(variables, jax.device_put(batch['image'], device)))
+    targets, tv = jax.device_get(predict(variables, jax.device_put(batch['image'], device)))
     teacher_targets.write_chunk(directory, chunk, ids, {key: value[keep] for key, value in targets.items()})
     done += 1
+    worst_tv = max(worst_tv, float(tv[keep].max()))
+    tv_sum, tv_count = tv_sum + float(tv[keep].sum()), tv_count + len(ids)
     elapsed = time.monotonic() - start
     rate = done * chunk_size / elapsed
-    logging.info('precompute: chunk %d (%d/%d of this host), %.0f images/s, %.0f s left', chunk, done, len(todo),
-                 rate, (len(todo) - done) * chunk_size / rate)
+    logging.info('precompute: chunk %d (%d/%d of this host), %.0f images/s, %.0f s left; stored form vs T\'s full '
+                 'distribution: total variation mean %.2g, max %.2g', chunk, done, len(todo), rate,
+                 (len(todo) - done) * chunk_size / rate, tv_sum / tv_count, worst_tv)
+  error = (f'; total variation of the stored form vs the full distribution: mean {tv_sum / tv_count:.2g}, max '
+           f'{worst_tv:.2g}' if tv_count else '')
   print(f'Targets of {network.source} ({network.name}) for {len(pool_ids)} unlabeled images: {directory} '
-        f'({done} chunk(s) computed by this host, {len(mine) - len(todo)} kept)', flush=True)
+        f'({done} chunk(s) computed by this host, {len(mine) - len(todo)} kept{error})', flush=True)
   return done

@@ -9,13 +9,13 @@ loss, (3) pseudo labels, (4) the student's update on them, (5) the teacher's fee
 pass, (6) the student's EMA. Steps 1-2 and the backward of 5 are the teacher's pass, one function per kind of
 teacher (`TEACHER_PASSES`, chosen by `mpl.teacher`): 'network', the teacher network on the images, or 'reduced',
 Reduced MPL's T_R on the large teacher's stored distributions for x_s (App. E; models/reduced_teacher.py), which
-has no image forward and no loss of its own. Everything else is shared. Steps 3-5 depend on the feedback mode, one function per mode (`FEEDBACK`), each
-returning the same `Feedback`:
+has no image forward and no loss of its own. Everything else is shared.
+Steps 3-5 depend on the feedback mode, one function per mode (`FEEDBACK`), each returning the same `Feedback`:
   exact        L_mpl(theta_T) = CE(y_l, S(x_l; theta_S - eta_S grad_S CE_eps(softmax(T(x_s)), S(x_s)))),
                differentiated straight through the student's SGD step (second order; soft pseudo labels).
   hard_dot     h = <grad CE(y_l, S(x_l; theta_S')), theta_S - theta_S'>,  L_mpl = sg(h - b) CE(y_hat, T(x_s)).
   hard_taylor  h = CE(y_l, S(x_l; theta_S)) - CE(y_l, S(x_l; theta_S')),  same L_mpl.
-  none         L_mpl = 0: a UDA teacher distilled into the student.
+  none         L_mpl = 0: a UDA teacher distilled into the student (reduced: T's fixed targets distilled, the control).
 
 Pseudo labels (`pseudo_labels`, the student's targets in every mode but exact):
   sampled      y_hat ~ Categorical(softmax(T(x_s))): the paper's (Sec. 2, "Practical approximation"). Then
