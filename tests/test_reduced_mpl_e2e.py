@@ -8,15 +8,19 @@ across a resume, and the one-line errors for targets and teachers that do not fi
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from configs import common
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.experiments import precompute_targets
+from meta_pseudo_labels.models import reduced_teacher
 from meta_pseudo_labels.run import train
 from meta_pseudo_labels.trained import teacher_targets
+from meta_pseudo_labels.trained import trained_models
 
 NUM_CLASSES = 3
 CHUNK = 64
@@ -172,3 +176,41 @@ def test_targets_and_teachers_that_do_not_fit_are_one_line_errors(teacher, tmp_p
     precompute_targets.run(_config(data, **{'reduced.teacher': reference, 'dataset.num_classes': 4}),
                            str(tmp_path / 'out4'))
   _one_line(wrong_classes, 'the teacher has 3 classes')
+
+
+def test_stored_targets_are_the_teachers_on_the_example_with_that_id(teacher, tmp_path):
+  """An id is the example's index in the training split: T on x_train[id] gives the targets stored under id."""
+  data, reference = teacher
+  _precompute(data, reference, tmp_path / 'targets')
+  pool_ids = input_pipeline.create(_config(data)).unlabeled_ids()
+  targets = teacher_targets.load(tmp_path / 'targets', pool_ids=pool_ids, num_classes=NUM_CLASSES, top_k=2)
+  network = trained_models.load(reference)
+  with np.load(data) as npz:
+    logits = network.module().apply(network.variables, npz['x_train'][pool_ids], train=False)
+  expected = jax.device_get(reduced_teacher.top_k_targets(logits, 2))
+  np.testing.assert_array_equal(targets.arrays['top_classes'], expected['top_classes'])
+  np.testing.assert_allclose(targets.arrays['top_log_probs'].astype(np.float32),
+                             expected['top_log_probs'].astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_unlabeled_ids_in_memory_and_streaming_with_an_extra_pool(in_memory):
+  """The pool's ids (the extra TFDS pool numbered after train) are what the precompute's pass and the MPL batches
+  carry, on one host and split over two."""
+  config = common.get_base_config()
+  config.batch_size, config.uda_ratio, config.eval_batch_size = 4, 2, 8
+  config.dataset.update(dict(num_labeled=20, num_validation=10, cutout_size=8, in_memory=in_memory,
+                             shuffle_buffer=16, unlabeled_source='svhn_cropped:extra'))
+  with tfds.testing.mock_data(num_examples=60):
+    pipeline = input_pipeline.create(config)
+    ids = pipeline.unlabeled_ids()
+    assert len(ids) == 30 + 60 and np.all(np.diff(ids) > 0) and ids[-1] == 60 + 59
+    passed = [batch['index'][batch['mask'] > 0] for batch in pipeline.unlabeled_eval_batches(16)]
+    np.testing.assert_array_equal(np.concatenate(passed), ids)
+    hosts = [input_pipeline.create(config, process_index=i, process_count=2) for i in range(2)]
+    first = next(hosts[0].unlabeled_eval_batches(16))
+    assert first['index'].tolist() == ids[:8].tolist()   # host 0: rows 0..7 of the first batch of 16
+    batch = next(pipeline.mpl_batches(3, with_unlabeled_index=True))
+    assert batch['unlabeled_index'].dtype == np.int32 and np.isin(batch['unlabeled_index'], ids).all()
+    halves = [next(host.mpl_batches(3, with_unlabeled_index=True))['unlabeled_index'] for host in hosts]
+    np.testing.assert_array_equal(np.concatenate(halves), batch['unlabeled_index'])
