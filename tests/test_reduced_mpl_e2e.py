@@ -6,7 +6,11 @@ across a resume, and the one-line errors for targets and teachers that do not fi
 """
 
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -214,3 +218,19 @@ def test_unlabeled_ids_in_memory_and_streaming_with_an_extra_pool(in_memory):
     assert batch['unlabeled_index'].dtype == np.int32 and np.isin(batch['unlabeled_index'], ids).all()
     halves = [next(host.mpl_batches(3, with_unlabeled_index=True))['unlabeled_index'] for host in hosts]
     np.testing.assert_array_equal(np.concatenate(halves), batch['unlabeled_index'])
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--config.experiment=precompute_targets',), 'error: reduced.teacher: empty'),
+    (('--config.experiment=train', '--config.mpl.teacher=reduced', '--config.uda.weight=0'),
+     'error: reduced.targets_dir: empty'),
+    (('--config.experiment=train', '--config.mpl.teacher=reduced', '--config.uda.weight=1'),
+     'error: uda.weight: the reduced teacher'),
+])
+def test_the_two_commands_refuse_missing_inputs_in_one_line(tmp_path, flags, message):
+  completed = subprocess.run(
+      [sys.executable, '-m', 'meta_pseudo_labels.main', '--config=configs/two_moons.py', f'--workdir={tmp_path}',
+       *flags], cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
+  assert completed.returncode == errors.USER_ERROR_EXIT_CODE, completed.stderr[-2000:]
+  assert completed.stderr.strip().splitlines()[-1].startswith(message), completed.stderr[-2000:]
