@@ -85,7 +85,8 @@ def _precompute(data, teacher_reference, targets_dir):
   return precompute_targets.run(config, str(targets_dir))
 
 
-def test_precompute_then_reduced_mpl_and_finetuning(teacher, tmp_path):
+def test_precompute_then_reduced_mpl_and_finetuning_and_a_crash_resumes_to_the_same_metrics(teacher, tmp_path,
+                                                                                              monkeypatch):
   data, reference = teacher
   assert _precompute(data, reference, tmp_path / 'targets') == 4   # 236 unlabeled examples, chunks of 64
   metadata = json.loads((tmp_path / 'targets' / teacher_targets.METADATA_FILENAME).read_text())
@@ -93,6 +94,19 @@ def test_precompute_then_reduced_mpl_and_finetuning(teacher, tmp_path):
   config = _config(data, **{'mpl.teacher': 'reduced', 'reduced.targets_dir': str(tmp_path / 'targets')})
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert set(results['final']['test']) == {'student', 'student_ema', 'student_finetuned'}   # no image teacher
+
+  def crash_after_step_3_of_mpl(phase_name):   # after the checkpoint of step 2: the rerun resumes there
+    def hook(step, ckpt):
+      if phase_name == 'mpl' and step == 3:
+        ckpt.wait()
+        raise KeyboardInterrupt('crash')
+    return hook
+  monkeypatch.setattr(train, '_fault_point', crash_after_step_3_of_mpl)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'crashed'))
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'crashed'))
+  assert resumed['final'] == results['final']
 
 
 def test_a_killed_precompute_resumes_to_the_same_bytes(teacher, tmp_path, monkeypatch):
