@@ -106,12 +106,10 @@ class MplHparams:
   @classmethod
   def from_config(cls, config):
     """From the experiment config (attribute access: a ConfigDict or any namespace)."""
-    teacher = getattr(config.mpl, 'teacher', 'network')
     return cls(feedback=config.mpl.feedback, h_sign=float(config.mpl.h_sign),
                baseline_rate=float(config.mpl.baseline_rate), pseudo_labels=config.mpl.pseudo_labels,
-               label_smoothing=float(config.label_smoothing),
-               uda=UdaHparams.from_config(config.uda),
-               ema_decay=float(config.ema_decay), teacher=teacher)
+               label_smoothing=float(config.label_smoothing), uda=UdaHparams.from_config(config.uda),
+               ema_decay=float(config.ema_decay), teacher=getattr(config.mpl, 'teacher', 'network'))
 
   def __post_init__(self):
     if self.teacher not in TEACHERS:

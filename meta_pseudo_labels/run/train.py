@@ -142,27 +142,22 @@ def _phases(config, pipeline):
   teacher_model, student_model = workload.model_pair(config)
   steps = config.num_train_steps
 
-  if config.method == 'mpl' and config.mpl.teacher == 'reduced':
+  if config.method == 'mpl':
     hparams = mpl.MplHparams.from_config(config)
-    targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
-                                   num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
+    init = lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape)
+    batches = pipeline.mpl_batches
+    teacher_models = lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables)}
+    if hparams.teacher == 'reduced':   # T_R on the stored targets, joined by example id; it reads no image
+      targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
+                                     num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
+      init = lambda rng, _: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape)
+      batches = lambda start: teacher_targets.joined_batches(pipeline.mpl_batches(start, with_unlabeled_index=True),
+                                                             targets)
+      teacher_models = lambda s: {}
     main_phase = Phase(
-        name='mpl', num_steps=steps, global_offset=0,
-        init=lambda rng, _: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape),
-        step=functools.partial(mpl.mpl_step, hparams=hparams),
-        batches=lambda start: teacher_targets.joined_batches(
-            pipeline.mpl_batches(start, with_unlabeled_index=True), targets),
-        eval_models=lambda s: {'student': (s.student.apply_fn, s.student.variables),   # T_R reads no image
-                               'student_ema': (s.student.apply_fn, s.student_ema)})
-  elif config.method == 'mpl':
-    hparams = mpl.MplHparams.from_config(config)
-    main_phase = Phase(
-        name='mpl', num_steps=steps, global_offset=0,
-        init=lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
-        step=functools.partial(mpl.mpl_step, hparams=hparams),
-        batches=pipeline.mpl_batches,
-        eval_models=lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables),
-                               'student': (s.student.apply_fn, s.student.variables),
+        name='mpl', num_steps=steps, global_offset=0, init=init,
+        step=functools.partial(mpl.mpl_step, hparams=hparams), batches=batches,
+        eval_models=lambda s: {**teacher_models(s), 'student': (s.student.apply_fn, s.student.variables),
                                'student_ema': (s.student.apply_fn, s.student_ema)})
   else:
     hparams = mpl.SupervisedHparams.from_config(config)
