@@ -35,9 +35,10 @@ def get_base_config():
 
   # ---- data -------------------------------------------------------------------------------------------------
   config.dataset = ml_collections.ConfigDict(dict(
-      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'digits' | 'two_moons'
+      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'idx' (MNIST format)
+                                # | 'digits' | 'two_moons'
       name='cifar10',           # TFDS name (source 'tfds')
-      data_dir='',              # TFDS data_dir, image-folder root, or .npz path; '' = TFDS default
+      data_dir='',              # TFDS data_dir, image-folder root, .npz path or idx directory; '' = TFDS default
       train_split='train',
       test_split='test',
       num_classes=10,
