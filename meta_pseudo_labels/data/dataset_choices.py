@@ -7,3 +7,4 @@ no TensorFlow.
 
 SOURCES = ('tfds', 'folder', 'npz', 'idx', 'digits', 'two_moons')   # data_sources.load_in_memory; 'tfds' can also stream
 AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')     # augment.weak_view / strong_view / eval_view `kind`
+LABELED_VIEWS = ('weak', 'strong')                           # input_pipeline: the labeled images' view

@@ -69,6 +69,8 @@ def _recalibrated(model_config, num_classes, variables, images):
 
 
 def diagnose(workdir):
+  """Prints the measurements (see the module docstring) and returns them: {'step', 'test_top1': {network: {
+  'as_trained', 'bn_reestimated'}}, 'teacher_on_validation': {view: {'top1', 'p_true_class'}}}."""
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   pipeline = input_pipeline.create(config)
@@ -83,18 +85,22 @@ def diagnose(workdir):
   networks = {'teacher': (teacher_model, config.model, state.teacher.variables),
               'student': (student_model, student_config, state.student.variables),
               'student_ema': (student_model, student_config, state.student_ema)}
+  measured = {'step': int(step), 'test_top1': {}, 'teacher_on_validation': {}}
   print(f'{workdir}: MPL step {step}; BatchNorm statistics re-estimated on {len(clean)} clean training images')
   print(f'{"network":<12} {"test top-1 as trained":>22} {"re-estimated BN":>16}')
   for name, (model, model_config, variables) in networks.items():
     as_trained = _top1(model.apply, variables, test)
     recalibrated = _top1(model.apply, _recalibrated(model_config, num_classes, variables, clean), test)
+    measured['test_top1'][name] = {'as_trained': as_trained, 'bn_reestimated': recalibrated}
     print(f'{name:<12} {100 * as_trained:>21.2f}% {100 * recalibrated:>15.2f}%')
   for view in ('eval', 'weak', 'strong'):
     batches = list(pipeline.eval_batches('validation', view=view))
     accuracy = _top1(teacher_model.apply, state.teacher.variables, batches)
     sampled = _true_class_probability(teacher_model.apply, state.teacher.variables, batches)
+    measured['teacher_on_validation'][view] = {'top1': accuracy, 'p_true_class': sampled}
     print(f'teacher on the {view} views of the validation images: top-1 (an argmax label is right) '
           f'{100 * accuracy:.2f}%, mean p(true class) (a sampled label is right) {100 * sampled:.2f}%')
+  return measured
 
 
 def main(argv):

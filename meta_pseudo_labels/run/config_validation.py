@@ -114,6 +114,7 @@ def validate(config, num_devices):
   # Data.
   _choice(config, 'dataset.source', dataset_choices.SOURCES)
   _choice(config, 'dataset.augment', dataset_choices.AUGMENTATIONS)
+  _choice(config, 'dataset.labeled_view', dataset_choices.LABELED_VIEWS)
   num_classes = _integer(config, 'dataset.num_classes', 2)
   if config.dataset.source != 'two_moons':
     _augmentation(config, _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE))
