@@ -29,9 +29,6 @@ from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
-
-
 def _top1(apply_fn, variables, batches):
   step = jax.jit(lambda v, b: evaluation.eval_step(apply_fn, v, b))
   sums = [step(variables, batch) for batch in batches]
@@ -105,9 +102,11 @@ def diagnose(workdir):
 
 def main(argv):
   del argv
-  diagnose(_WORKDIR.value)
+  diagnose(flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: the sweeps import `diagnose` into main, which has its own --workdir.
+  flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
   flags.mark_flag_as_required('workdir')
   app.run(main)
