@@ -13,11 +13,13 @@ The claim's rows (`CLAIM_ROWS`) run `sweep.num_seeds` seeds, the others `sweep.n
 Reported model per row (fixed before any run): the EMA network of a base, MPL's finetuned student (the paper's).
 
 `sweep.mode`:
-- 'run' (default): every row and seed, seed by seed with the claim's rows first (a stopped sweep has balanced
-  rows), then the table of mean +- std test top-1, the paired per-seed differences (each MPL row minus its base,
-  uda_mpl minus the control: mean, std, 95 % Student-t interval), the figure of validation top-1 against steps, and
-  the JSON with every run. MPL runs also get a diagnosis (`DIAGNOSIS_CURVES`; experiments/student_diagnosis.py:
-  BatchNorm statistics, the teacher's labels on strong views), for when MPL does not beat its base.
+- 'run' (default): every row and seed, the claim's rows first and seed by seed (a sweep stopped early has the
+  claim's rows on the same seeds), then the table of mean +- std test top-1, the paired per-seed differences (each
+  MPL row minus its base, uda_mpl minus the control: mean, std, 95 % Student-t interval), the figure of validation
+  top-1 against steps, and the JSON with every run. MPL runs also get a diagnosis, for when MPL does not beat its
+  base: the curves of `DIAGNOSIS_CURVES` (the feedback's size against the teacher's own gradient, h, the student's
+  curve) and experiments/student_diagnosis.py's measurements (BatchNorm statistics, the teacher's labels on strong
+  views).
 - 'report': the same outputs from the runs that have finished, training nothing.
 - 'tune_bases': the bases' settings on the validation split, base rows alone, seed 0 (`TUNING_STAGES`, in order,
   each stage keeping the previous stages' picks): the views (RandAugment magnitude, Cutout) on the randaugment row,
@@ -138,12 +140,12 @@ def _diagnosis(run_dir):
 
 
 def _sweep_runs(config, workdir, names, train_fn):
-  """{row: [run]}: 'run' trains what is missing, seed by seed, the claim's rows first; 'report' reads what finished."""
+  """{row: [run]}: 'run' trains what is missing, the claim's rows first, seed by seed; 'report' reads what finished."""
   extra = tuned_fields(config)
-  order = sorted(((seed, name not in CLAIM_ROWS, names.index(name), name) for name in names
+  order = sorted(((name not in CLAIM_ROWS, seed, names.index(name), name) for name in names
                   for seed in range(num_seeds(config, name))))
   runs = {name: [] for name in names}
-  for seed, _, _, name in order:
+  for _, seed, _, name in order:
     row, run_dir = ROWS[name], _run_dir(workdir, name, seed)
     run = sweep_runs.run_config(config, row, seed, extra)
     if config.sweep.mode == 'report' and sweep_runs.finished_results(run_dir, run) is None:
@@ -181,7 +183,8 @@ def format_table(config, results, pairs):
     lines.append(f"| {name} | {seeds} | {sweep_runs.cell(result, reported)} | {per_seed} | {reported} | "
                  f"{sweep_runs.cell(result, 'teacher')} | {sweep_runs.cell(result, 'student_ema')} | "
                  f"{result['description']} |")
-  lines += ['', '| paired difference (test top-1, points) | seeds | mean ± std | 95 % t-interval |', '|---|---|---:|---|']
+  lines += ['', '| paired difference (test top-1, points) | seeds | mean ± std | 95 % t-interval |',
+            '|---|---|---:|---|']
   for pair, difference in pairs.items():
     interval = ('[{:+.1f}, {:+.1f}]'.format(*(100 * v for v in difference['interval'])) if difference['interval']
                 else '- (one seed)')
