@@ -120,20 +120,22 @@ def test_rows_and_config():
 
 @pytest.mark.slow
 def test_quick_through_main(tmp_path):
-  """`:quick` through main on small idx files (supervised and UDA + MPL: every kind of step), 2 seeds, 4 steps."""
+  """`:quick` through main on small idx files, 4 steps: RandAugment (a claim-less row: 1 seed; labeled strong views)
+  and UDA + MPL (2 seeds, its diagnosis)."""
   data = tmp_path / 'data'
   write_idx_directory(str(data), num_train=200, num_test=60)
   workdir = tmp_path / 'sweep'
   command = [sys.executable, '-m', 'meta_pseudo_labels.main', '--config=configs/fashion_mnist.py:quick',
              f'--workdir={workdir}', f'--config.dataset.data_dir={data}', '--config.num_train_steps=4',
-             "--config.sweep.methods=('supervised', 'uda_mpl')", '--config.dataset.num_labeled=20',
+             "--config.sweep.methods=('randaugment', 'uda_mpl')", '--config.dataset.num_labeled=20',
              '--config.dataset.num_validation=20', '--config.batch_size=4', '--config.uda_ratio=2',
              '--config.finetune.batch_size=4', '--config.eval_every_steps=2', '--config.eval_batch_size=20']
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS='--xla_backend_optimization_level=0')
   completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert completed.returncode == 0, completed.stderr[-3000:]
-  assert '| supervised | 2/2 |' in completed.stdout and '| uda_mpl - uda_mpl_control |' not in completed.stdout
+  assert '| randaugment | 1/1 (other) |' in completed.stdout and '| uda_mpl | 2/2 |' in completed.stdout
+  assert '| uda_mpl - uda_mpl_control |' not in completed.stdout   # the control did not run
   with open(workdir / fashion_mnist.RESULTS_FILE) as f:
     results = json.load(f)
   mpl_run = results['rows']['uda_mpl']['runs'][1]
@@ -141,5 +143,7 @@ def test_quick_through_main(tmp_path):
   assert [step for step, _ in mpl_run['curves']['mpl/feedback_logits_grad_norm']]
   assert set(mpl_run['diagnosis']['teacher_on_validation']) == {'eval', 'weak', 'strong'}
   assert results['cpu_hours'] > 0
+  with open(os.path.join(results['rows']['randaugment']['runs'][0]['workdir'], sweep_runs.RUN_RESULTS_FILE)) as f:
+    assert json.load(f)['config']['dataset']['labeled_view'] == 'strong'
   with open(workdir / fashion_mnist.FIGURE_FILE, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
