@@ -10,7 +10,7 @@ import pytest
 from configs import fashion_mnist as fashion_mnist_config
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.experiments import fashion_mnist
-from meta_pseudo_labels.experiments import sweep_runs
+from meta_pseudo_labels.rundir import sweeps
 from test_data_sources import write_idx_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ class FakeTrain:
     results = {'final': {split: {model: {'top1': top1} for model in models} for split in ('validation', 'test')},
                'wall_time_s': 10.0, 'config': config.to_dict()}
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, sweep_runs.RUN_RESULTS_FILE), 'w') as f:
+    with open(os.path.join(workdir, sweeps.RUN_RESULTS_FILE), 'w') as f:
       json.dump(results, f)
     return results
 
@@ -61,7 +61,7 @@ def test_a_finished_run_is_read_back_not_rerun(tmp_path):
   assert all(run['reused'] for row in again['rows'].values() for run in row['runs'])
 
   # Stopped midway: 'report' tables what finished, trains nothing; 'run' then trains only what is missing.
-  os.remove(tmp_path / 'uda_mpl' / 'seed_1' / sweep_runs.RUN_RESULTS_FILE)
+  os.remove(tmp_path / 'uda_mpl' / 'seed_1' / sweeps.RUN_RESULTS_FILE)
   report = fashion_mnist.run(_config(mode='report'), str(tmp_path), train_fn=must_not_train)
   assert [run['seed'] for run in report['rows']['uda_mpl']['runs']] == [0]
   assert report['paired_differences']['uda_mpl - uda']['seeds'] == [0]
@@ -94,10 +94,10 @@ def test_tune_bases_picks_on_validation_and_the_sweep_reuses_the_picks(tmp_path)
   train.calls.clear()
   result = fashion_mnist.run(config, str(tmp_path / 'sweep'), train_fn=train)
   assert result['tuned_fields']['uda.weight'] == max(uda['uda.weight'])
-  with open(tmp_path / 'sweep' / 'uda_mpl' / 'seed_0' / sweep_runs.RUN_RESULTS_FILE) as f:
+  with open(tmp_path / 'sweep' / 'uda_mpl' / 'seed_0' / sweeps.RUN_RESULTS_FILE) as f:
     mpl_config = json.load(f)['config']
   assert mpl_config['uda']['weight'] == max(uda['uda.weight']) and mpl_config['dataset']['cutout_size'] == 12
-  with open(tmp_path / 'sweep' / 'supervised' / 'seed_0' / sweep_runs.RUN_RESULTS_FILE) as f:
+  with open(tmp_path / 'sweep' / 'supervised' / 'seed_0' / sweeps.RUN_RESULTS_FILE) as f:
     assert json.load(f)['config']['uda']['weight'] == 0   # the row's own fields win over the picks
   config.num_train_steps = 100
   with pytest.raises(errors.ConfigError, match='tuned at 3000 steps, this sweep runs 100') as error:
@@ -108,10 +108,10 @@ def test_tune_bases_picks_on_validation_and_the_sweep_reuses_the_picks(tmp_path)
 def test_rows_and_config():
   config = fashion_mnist_config.get_config()
   assert config.dataset.num_labeled == 400 and config.dataset.source == 'idx'
-  control = sweep_runs.run_config(config, fashion_mnist.ROWS['uda_mpl_control'], 2)
+  control = sweeps.run_config(config, fashion_mnist.ROWS['uda_mpl_control'], 2)
   assert (control.method, control.mpl.feedback, control.seed, control.dataset.split_seed) == ('mpl', 'none', 2, 2)
   assert control.uda.weight == config.uda.weight > 0
-  randaugment = sweep_runs.run_config(config, fashion_mnist.ROWS['randaugment_mpl'], 0)
+  randaugment = sweeps.run_config(config, fashion_mnist.ROWS['randaugment_mpl'], 0)
   assert randaugment.dataset.labeled_view == 'strong' and randaugment.uda.weight == 0
   config.sweep.methods = ('uda', 'typo')
   with pytest.raises(errors.ConfigError, match='sweep.methods'):
@@ -143,7 +143,7 @@ def test_quick_through_main(tmp_path):
   assert [step for step, _ in mpl_run['curves']['mpl/feedback_logits_grad_norm']]
   assert set(mpl_run['diagnosis']['teacher_on_validation']) == {'eval', 'weak', 'strong'}
   assert results['cpu_hours'] > 0
-  with open(os.path.join(results['rows']['randaugment']['runs'][0]['workdir'], sweep_runs.RUN_RESULTS_FILE)) as f:
+  with open(os.path.join(results['rows']['randaugment']['runs'][0]['workdir'], sweeps.RUN_RESULTS_FILE)) as f:
     assert json.load(f)['config']['dataset']['labeled_view'] == 'strong'
   with open(workdir / fashion_mnist.FIGURE_FILE, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE

@@ -3,7 +3,7 @@
 Each (method, seed) is one complete `train.train_and_evaluate` run (the program a user runs: input pipeline with
 the digits augmentations, jitted steps, EMA, finetuning, validation and test evaluation) in its own directory
 WORKDIR/<method>/seed_<i>; rerunning the command resumes the unfinished runs and reads the finished ones back
-(experiments/sweep_runs.py). Seed i sets both `config.seed` (initialisation, batch order, augmentations) and
+(rundir/sweeps.py). Seed i sets both `config.seed` (initialisation, batch order, augmentations) and
 `dataset.split_seed` (which 10 images per class are labeled, which 200 validate); the test split is fixed
 (data_sources.py).
 
@@ -22,8 +22,8 @@ import os
 import time
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels.experiments import sweep_runs
-from meta_pseudo_labels.experiments.sweep_runs import Row
+from meta_pseudo_labels.rundir import sweeps
+from meta_pseudo_labels.rundir.sweeps import Row
 from meta_pseudo_labels.rundir import reporting
 
 RESULTS_FILE = 'digits_results.json'
@@ -63,9 +63,9 @@ def format_table(results, names):
     result = results[name]
     reported = result['reported_model']
     per_seed = ', '.join(f'{100 * v:.1f}' for v in result['test_top1'][reported]['per_seed'])
-    lines.append(f"| {name} | {sweep_runs.cell(result, reported)} | {per_seed} | {reported} | "
-                 f"{sweep_runs.cell(result, 'teacher')} | {sweep_runs.cell(result, 'student')} | "
-                 f"{sweep_runs.cell(result, 'student_ema')} | {result['description']} |")
+    lines.append(f"| {name} | {sweeps.cell(result, reported)} | {per_seed} | {reported} | "
+                 f"{sweeps.cell(result, 'teacher')} | {sweeps.cell(result, 'student')} | "
+                 f"{sweeps.cell(result, 'student_ema')} | {result['description']} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -73,20 +73,20 @@ def run(config, workdir, *, train_fn):
   """Runs every method of the sweep for every seed with `train_fn(config, workdir)`; writes and prints the table."""
   start = time.time()
   names = method_names(config)
-  sweep_runs.share_compilations(workdir)
+  sweeps.share_compilations(workdir)
   seeds = list(range(config.sweep.num_seeds))
   results = {}
   for name in names:
-    runs = [sweep_runs.one_run(sweep_runs.run_config(config, METHODS[name], seed), METHODS[name],
+    runs = [sweeps.one_run(sweeps.run_config(config, METHODS[name], seed), METHODS[name],
                                os.path.join(workdir, name, f'seed_{seed}'), train_fn) for seed in seeds]
-    results[name] = sweep_runs.row_result(METHODS[name], runs)
+    results[name] = sweeps.row_result(METHODS[name], runs)
   os.makedirs(workdir, exist_ok=True)
   paths = {key: os.path.join(workdir, file) for key, file in
            (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}
   table = format_table(results, names)
   curves = {f'{name} ({METHODS[name].curve_model})': [r['validation_curve'] for r in results[name]['runs']]
             for name in names}
-  sweep_runs.plot_validation(paths['figure'], curves, config.num_train_steps,
+  sweeps.plot_validation(paths['figure'], curves, config.num_train_steps,
                              f'digits (8x8, 10 labels per class): mean over {len(seeds)} seeds, min-max band')
   wall_time = time.time() - start
   return reporting.write_sweep_results(

@@ -1,7 +1,7 @@
 """Fashion-MNIST: the paper's ablation (Table 3: Supervised, RandAugment, UDA, each + MPL) and MPL's own control.
 
 Rows (`ROWS`), every one the same WRN student, views and step budget, each (row, seed) one `train` run in
-WORKDIR/<row>/seed_<i> (experiments/sweep_runs.py: finished runs are read back, unfinished ones resume):
+WORKDIR/<row>/seed_<i> (rundir/sweeps.py: finished runs are read back, unfinished ones resume):
 - supervised: labeled images (weak views) alone; randaugment: the same on strong views (RandAugment + Cutout);
   uda: the labeled loss + UDA on the unlabeled images. The three bases.
 - <base>_mpl: MPL whose teacher trains on that base's loss + the student's feedback (the paper adds MPL to a base).
@@ -29,21 +29,22 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
   Writes WORKDIR/fashion_mnist_bases.json, which `--config.sweep.bases=` hands to 'run': MPL rows reuse the picks
   unchanged. The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
 
-CPU hours: each run's CPU time (this process's user + system seconds spent training it, `sweep_runs`) and wall
+CPU hours: each run's CPU time (this process's user + system seconds spent training it, `rundir/sweeps.py`) and wall
 time, summed in the table's heading and the JSON.
 """
 
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 
 from absl import logging
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels.experiments import student_diagnosis
-from meta_pseudo_labels.experiments import sweep_runs
-from meta_pseudo_labels.experiments.sweep_runs import Row
+from meta_pseudo_labels.rundir import sweeps
+from meta_pseudo_labels.rundir.sweeps import Row
 from meta_pseudo_labels.rundir import reporting
 
 RESULTS_FILE = 'fashion_mnist_results.json'
@@ -128,13 +129,14 @@ def _run_dir(workdir, name, seed):
 
 
 def _diagnosis(run_dir):
-  """student_diagnosis's measurements of a finished MPL run, computed once and kept in the run's directory."""
+  """The student_diagnosis program's measurements of a finished MPL run (run as a program: programs do not import
+  one another), computed once and kept in the run's directory; None without the run's MPL checkpoint."""
   path = os.path.join(run_dir, DIAGNOSIS_FILE)
   if not os.path.isfile(path):
     if not os.path.isdir(os.path.join(run_dir, 'checkpoints', 'mpl')):
-      return None   # the MPL checkpoint was deleted: nothing to measure
-    with open(path, 'w') as f:
-      json.dump(student_diagnosis.diagnose(run_dir), f, indent=1)
+      return None
+    subprocess.run([sys.executable, '-m', 'meta_pseudo_labels.experiments.student_diagnosis', f'--workdir={run_dir}',
+                    f'--output_json={path}'], check=True, stdout=subprocess.DEVNULL)
   with open(path) as f:
     return json.load(f)
 
@@ -147,10 +149,10 @@ def _sweep_runs(config, workdir, names, train_fn):
   runs = {name: [] for name in names}
   for _, seed, _, name in order:
     row, run_dir = ROWS[name], _run_dir(workdir, name, seed)
-    run = sweep_runs.run_config(config, row, seed, extra)
-    if config.sweep.mode == 'report' and sweep_runs.finished_results(run_dir, run) is None:
+    run = sweeps.run_config(config, row, seed, extra)
+    if config.sweep.mode == 'report' and sweeps.finished_results(run_dir, run) is None:
       continue
-    one = sweep_runs.one_run(run, row, run_dir, train_fn, curve_tags=DIAGNOSIS_CURVES if row.method == 'mpl' else ())
+    one = sweeps.one_run(run, row, run_dir, train_fn, curve_tags=DIAGNOSIS_CURVES if row.method == 'mpl' else ())
     if row.method == 'mpl':
       one['diagnosis'] = _diagnosis(run_dir)
     runs[name].append({'seed': seed, **one})
@@ -167,7 +169,7 @@ def paired_differences(results):
             for name in (a, b)]
     seeds = sorted(set(top1[0]) & set(top1[1]))
     if seeds:
-      pairs[f'{a} - {b}'] = {'seeds': seeds, **sweep_runs.paired_difference([top1[0][s] for s in seeds],
+      pairs[f'{a} - {b}'] = {'seeds': seeds, **sweeps.paired_difference([top1[0][s] for s in seeds],
                                                                               [top1[1][s] for s in seeds])}
   return pairs
 
@@ -180,8 +182,8 @@ def format_table(config, results, pairs):
     reported = result['reported_model']
     per_seed = ', '.join(f'{100 * v:.1f}' for v in result['test_top1'].get(reported, {}).get('per_seed', []))
     seeds = f"{len(result['runs'])}/{num_seeds(config, name)}" + ('' if name in CLAIM_ROWS else ' (other)')
-    lines.append(f"| {name} | {seeds} | {sweep_runs.cell(result, reported)} | {per_seed} | {reported} | "
-                 f"{sweep_runs.cell(result, 'teacher')} | {sweep_runs.cell(result, 'student_ema')} | "
+    lines.append(f"| {name} | {seeds} | {sweeps.cell(result, reported)} | {per_seed} | {reported} | "
+                 f"{sweeps.cell(result, 'teacher')} | {sweeps.cell(result, 'student_ema')} | "
                  f"{result['description']} |")
   lines += ['', '| paired difference (test top-1, points) | seeds | mean ± std | 95 % t-interval |',
             '|---|---|---:|---|']
@@ -203,9 +205,9 @@ def run(config, workdir, *, train_fn):
   names = row_names(config)
   if config.sweep.mode == 'tune_bases':
     return tune_bases(config, workdir, train_fn=train_fn)
-  sweep_runs.share_compilations(workdir)
+  sweeps.share_compilations(workdir)
   runs = _sweep_runs(config, workdir, names, train_fn)
-  results = {name: sweep_runs.row_result(ROWS[name], runs[name]) for name in names}
+  results = {name: sweeps.row_result(ROWS[name], runs[name]) for name in names}
   pairs = paired_differences(results)
   os.makedirs(workdir, exist_ok=True)
   paths = {key: os.path.join(workdir, file) for key, file in
@@ -213,7 +215,7 @@ def run(config, workdir, *, train_fn):
   every_run = [one for name in names for one in runs[name]]
   cpu_hours, wall_hours = _hours(every_run, 'cpu_time_s'), _hours(every_run, 'wall_time_s')
   curves = {f'{name} ({ROWS[name].curve_model})': [one['validation_curve'] for one in runs[name]] for name in names}
-  sweep_runs.plot_validation(paths['figure'], curves, config.num_train_steps,
+  sweeps.plot_validation(paths['figure'], curves, config.num_train_steps,
                              f'Fashion-MNIST, {config.dataset.num_labeled} labels: validation top-1, mean over '
                              'seeds, min-max band')
   return reporting.write_sweep_results(
@@ -244,7 +246,7 @@ def _last_fifth_gain(curve, num_steps):
 
 def tune_bases(config, workdir, *, train_fn):
   """The 'tune_bases' mode (module docstring): the stages of `TUNING_STAGES`, then the budget; writes the JSON."""
-  sweep_runs.share_compilations(workdir)
+  sweeps.share_compilations(workdir)
   picked, grid_results, picked_curves = {}, [], {}
   for stage, name, grid in TUNING_STAGES:
     earlier = tuple(pair for chosen in picked.values() for pair in chosen.items())
@@ -253,7 +255,7 @@ def tune_bases(config, workdir, *, train_fn):
       setting = tuple(zip(grid, values))
       tag = ','.join(f'{field.split(".")[-1]}={value}' for field, value in setting)
       run_dir = os.path.join(workdir, 'tune', stage, tag, f'seed_{TUNING_SEED}')
-      one = sweep_runs.one_run(sweep_runs.run_config(config, ROWS[name], TUNING_SEED, earlier + setting), ROWS[name],
+      one = sweeps.one_run(sweeps.run_config(config, ROWS[name], TUNING_SEED, earlier + setting), ROWS[name],
                                run_dir, train_fn)
       grid_results.append({'stage': stage, 'row': name, 'setting': dict(setting),
                            'validation_top1': _final_validation(one), 'validation_curve': one['validation_curve'],
@@ -264,7 +266,7 @@ def tune_bases(config, workdir, *, train_fn):
     logging.info('fashion_mnist tuning: stage %s picked %s', stage, picked[stage])
   # The budget, on the three bases at the picked settings (supervised is in no stage: one run of its own).
   chosen = tuple(pair for stage in picked.values() for pair in stage.items())
-  supervised = sweep_runs.one_run(sweep_runs.run_config(config, ROWS['supervised'], TUNING_SEED, chosen),
+  supervised = sweeps.one_run(sweeps.run_config(config, ROWS['supervised'], TUNING_SEED, chosen),
                                   ROWS['supervised'], os.path.join(workdir, 'tune', 'budget', 'supervised',
                                                                    f'seed_{TUNING_SEED}'), train_fn)
   picked_curves['supervised'] = supervised['validation_curve']
@@ -283,7 +285,7 @@ def tune_bases(config, workdir, *, train_fn):
   with open(os.path.join(workdir, TUNING_TABLE_FILE), 'w') as f:
     f.write(table)
   curves = {f"{g['stage']}: {g['setting']}": [g['validation_curve']] for g in grid_results}
-  sweep_runs.plot_validation(os.path.join(workdir, TUNING_FIGURE_FILE), curves, config.num_train_steps,
+  sweeps.plot_validation(os.path.join(workdir, TUNING_FIGURE_FILE), curves, config.num_train_steps,
                              f'Fashion-MNIST base tuning: validation top-1 of the EMA network, seed {TUNING_SEED}')
   print(f'Fashion-MNIST base tuning ({config.num_train_steps} steps, validation split, seed {TUNING_SEED}, '
         f"{bases['cpu_hours']:.2f} CPU hours):\n{table}bases: {path}\nnext: --config.sweep.bases={path}", flush=True)

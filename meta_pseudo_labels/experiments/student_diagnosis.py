@@ -1,6 +1,6 @@
 r"""Why an MPL student ends below its teacher: measurements on a finished MPL run (issue 12), no training.
 
-    python -m meta_pseudo_labels.experiments.student_diagnosis --workdir=RUN_DIR
+    python -m meta_pseudo_labels.experiments.student_diagnosis --workdir=RUN_DIR [--output_json=FILE]
 
 RUN_DIR is the workdir of a `train` run of method 'mpl' (e.g. WORKDIR/mpl/seed_0 of the digits sweep). From the MPL
 phase's newest checkpoint it prints test top-1 of the teacher, the student and the EMA student
@@ -28,6 +28,11 @@ from meta_pseudo_labels.data import input_pipeline
 from meta_pseudo_labels.method import train_state
 from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
+_OUTPUT_JSON = flags.DEFINE_string('output_json', '', 'Also write the measurements to this JSON file (the '
+                                   'Fashion-MNIST sweep keeps them beside each MPL run).')
+
 
 def _top1(apply_fn, variables, batches):
   step = jax.jit(lambda v, b: evaluation.eval_step(apply_fn, v, b))
@@ -102,11 +107,12 @@ def diagnose(workdir):
 
 def main(argv):
   del argv
-  diagnose(flags.FLAGS.workdir)
+  measured = diagnose(_WORKDIR.value)
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, 'w') as f:
+      json.dump(measured, f, indent=1)
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: the sweeps import `diagnose` into main, which has its own --workdir.
-  flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
   flags.mark_flag_as_required('workdir')
   app.run(main)
