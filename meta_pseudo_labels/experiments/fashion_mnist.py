@@ -4,7 +4,8 @@ Rows (`ROWS`), every one the same WRN student, views and step budget, each (row,
 WORKDIR/<row>/seed_<i> (rundir/sweeps.py: finished runs are read back, unfinished ones resume):
 - supervised: labeled images (weak views) alone; randaugment: the same on strong views (RandAugment + Cutout);
   uda: the labeled loss + UDA on the unlabeled images. The three bases.
-- <base>_mpl: MPL whose teacher trains on that base's loss + the student's feedback (the paper adds MPL to a base).
+- <base>_mpl: MPL whose teacher trains on that base's loss + the student's feedback (the paper adds MPL to a base);
+  in randaugment_mpl the labeled batch is in strong views, for the teacher's loss and the feedback's h alike.
 - uda_mpl_control: uda_mpl with the feedback off (`mpl.feedback='none'`): the UDA teacher's sampled labels
   distilled into the student, then the same finetuning. uda_mpl minus this row is what the MPL term adds.
 Seed i is one labeled split (`dataset.split_seed = i`) and initialisation shared by all rows, so rows pair by seed.
