@@ -31,7 +31,7 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'   # where the Debian pac
 
 
 def get_config(arg=None):
-  """The sweep; `arg='quick'`: 4 rows x 2 seeds x 60 steps, a few minutes (a smoke run, not a result)."""
+  """The sweep; `arg='quick'`: 4 rows x 2 seeds x 40 steps, a few minutes (a smoke run, not a result)."""
   config = common.get_base_config()
   config.experiment = 'fashion_mnist'
   config.method = 'mpl'                      # one-run default when this config goes through train.py alone
@@ -100,7 +100,8 @@ def get_config(arg=None):
   config.sweep.bases = ''                    # the JSON that 'tune_bases' wrote; '' = the settings above
 
   if arg == 'quick':
-    config.num_train_steps = 60
+    config.num_train_steps = 40
+    config.eval_every_steps = 10
     config.dataset.num_validation = 500
     config.sweep.methods = ('supervised', 'uda', 'uda_mpl', 'uda_mpl_control')
     config.sweep.num_seeds = 2
