@@ -94,10 +94,14 @@ def test_tune_bases_picks_on_validation_and_the_sweep_reuses_the_picks(tmp_path)
   train.calls.clear()
   result = fashion_mnist.run(config, str(tmp_path / 'sweep'), train_fn=train)
   assert result['tuned_fields']['uda.weight'] == max(uda['uda.weight'])
+  # Seed 0 of the bases at the picked settings finished during tuning: read back from there, not trained again.
+  assert train.calls == [str(tmp_path / 'sweep' / name / 'seed_0') for name in ('uda_mpl', 'uda_mpl_control')]
+  assert result['rows']['supervised']['runs'][0]['workdir'] == str(tmp_path / 'tune' / 'budget' / 'supervised' /
+                                                                   'seed_0')
   with open(tmp_path / 'sweep' / 'uda_mpl' / 'seed_0' / sweeps.RUN_RESULTS_FILE) as f:
     mpl_config = json.load(f)['config']
   assert mpl_config['uda']['weight'] == max(uda['uda.weight']) and mpl_config['dataset']['cutout_size'] == 12
-  with open(tmp_path / 'sweep' / 'supervised' / 'seed_0' / sweeps.RUN_RESULTS_FILE) as f:
+  with open(tmp_path / 'tune' / 'budget' / 'supervised' / 'seed_0' / sweeps.RUN_RESULTS_FILE) as f:
     assert json.load(f)['config']['uda']['weight'] == 0   # the row's own fields win over the picks
   config.num_train_steps = 100
   with pytest.raises(errors.ConfigError, match='tuned at 3000 steps, this sweep runs 100') as error:

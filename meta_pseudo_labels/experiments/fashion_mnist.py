@@ -28,7 +28,7 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
   network, the highest picked (the first in grid order on a tie). Then the step budget on the three bases' curves at
   the picked settings: enough when the EMA network gains < `BUDGET_GAIN` of validation top-1 over the last fifth.
   Writes WORKDIR/fashion_mnist_bases.json, which `--config.sweep.bases=` hands to 'run': MPL rows reuse the picks
-  unchanged. The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
+  unchanged, and a base run the tuning finished at exactly a sweep run's config (seed 0) is read back, not rerun. The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
 
 CPU hours: each run's CPU time (this process's user + system seconds spent training it, `rundir/sweeps.py`) and wall
 time, summed in the table's heading and the JSON.
@@ -108,8 +108,13 @@ def num_seeds(config, name):
 
 def tuned_fields(config):
   """The (field, value) pairs of `sweep.bases` (every row applies them, under its own fields), () without one."""
+  return tuple((field, value) for stage in _bases(config).get('picked', {}).values() for field, value in stage.items())
+
+
+def _bases(config):
+  """The JSON `sweep.bases` names ({} without one), checked to be tuned at this sweep's budget."""
   if not config.sweep.bases:
-    return ()
+    return {}
   try:
     with open(config.sweep.bases) as f:
       bases = json.load(f)
@@ -119,7 +124,7 @@ def tuned_fields(config):
   if bases['num_train_steps'] != config.num_train_steps:
     raise errors.ConfigError(f"sweep.bases: {config.sweep.bases} was tuned at {bases['num_train_steps']} steps, this "
                              f'sweep runs {config.num_train_steps}; tune at the budget the sweep runs')
-  return tuple((field, value) for stage in bases['picked'].values() for field, value in stage.items())
+  return bases
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------------
@@ -145,15 +150,18 @@ def _diagnosis(run_dir):
 def _sweep_runs(config, workdir, names, train_fn):
   """{row: [run]}: 'run' trains what is missing, the claim's rows first, seed by seed; 'report' reads what finished."""
   extra = tuned_fields(config)
+  tuning_dirs = _bases(config).get('workdirs', [])   # a base at the picked settings, seed 0, ran there already
   order = sorted(((name not in CLAIM_ROWS, seed, names.index(name), name) for name in names
                   for seed in range(num_seeds(config, name))))
   runs = {name: [] for name in names}
   for _, seed, _, name in order:
     row, run_dir = ROWS[name], _run_dir(workdir, name, seed)
     run = sweeps.run_config(config, row, seed, extra)
-    if config.sweep.mode == 'report' and sweeps.finished_results(run_dir, run) is None:
+    finished = [d for d in (run_dir, *tuning_dirs) if sweeps.finished_results(d, run) is not None]
+    if config.sweep.mode == 'report' and not finished:
       continue
-    one = sweeps.one_run(run, row, run_dir, train_fn, curve_tags=DIAGNOSIS_CURVES if row.method == 'mpl' else ())
+    one = sweeps.one_run(run, row, (finished or [run_dir])[0], train_fn,
+                         curve_tags=DIAGNOSIS_CURVES if row.method == 'mpl' else ())
     if row.method == 'mpl':
       one['diagnosis'] = _diagnosis(run_dir)
     runs[name].append({'seed': seed, **one})
@@ -276,6 +284,7 @@ def tune_bases(config, workdir, *, train_fn):
     gain = _last_fifth_gain(curve, config.num_train_steps)
     budget[name] = {'gain_last_fifth': gain, 'enough': gain is not None and gain < BUDGET_GAIN}
   bases = {'picked': picked, 'num_train_steps': config.num_train_steps, 'budget': budget,
+           'workdirs': [g['workdir'] for g in grid_results] + [supervised['workdir']],
            'budget_enough': all(b['enough'] for b in budget.values()), 'grid': grid_results,
            'selected_on': f'validation top-1 of the EMA network at the end of the run, seed {TUNING_SEED}',
            'cpu_hours': (sum(g['cpu_time_s'] for g in grid_results) + supervised['cpu_time_s']) / 3600}
