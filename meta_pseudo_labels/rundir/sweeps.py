@@ -150,9 +150,11 @@ def row_result(row, runs):
 
 
 def cell(result, model):
-  """'mean ± std' (%) of `model`'s test top-1 in a row's JSON, '-' when the row has no such model."""
+  """'mean ± std' (%) of `model`'s test top-1 in a row's JSON (the mean alone for one seed), '-' without the model."""
   values = result['test_top1'].get(model)
-  return f"{100 * values['mean']:.1f} ± {100 * values['std']:.1f}" if values else '-'
+  if not values:
+    return '-'
+  return f"{100 * values['mean']:.1f}" + (f" ± {100 * values['std']:.1f}" if len(values['per_seed']) > 1 else '')
 
 
 def plot_validation(path, curves, num_steps, title):
