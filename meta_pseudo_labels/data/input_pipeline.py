@@ -308,13 +308,14 @@ class Pipeline:
     options.deterministic = True
     return dataset.with_options(options).prefetch(self._config.dataset.prefetch or tf.data.AUTOTUNE)
 
-  def _labeled(self, start_step, batch_size, field, stream_name):
+  def _labeled(self, start_step, batch_size, field, stream_name, view='weak'):
     seed = self._config.seed
-    order_key, view_key = _key(seed, stream_name, 'order'), _key(seed, stream_name, 'weak')
+    order_key, view_key = _key(seed, stream_name, 'order'), _key(seed, stream_name, view)
+    view_fn = {'weak': self._views.weak, 'strong': self._views.strong}[view]
     rows = self._rows(batch_size, field)
     examples = self._examples.train_examples('labeled', start_step=start_step, rows_per_step=batch_size,
                                              rows=rows, key=order_key)
-    examples = examples.map(lambda p, image, label, _: (self._views.weak(image, _seed(view_key, p)), label),
+    examples = examples.map(lambda p, image, label, _: (view_fn(image, _seed(view_key, p)), label),
                             tf.data.AUTOTUNE)
     return examples.batch(rows[1] - rows[0], drop_remainder=True)
 
@@ -330,7 +331,7 @@ class Pipeline:
     if self._examples.size('unlabeled') == 0:
       raise DataError('dataset: the unlabeled pool is empty (num_labeled + num_validation uses the whole training '
                       'split and no dataset.unlabeled_source is set)')
-    labeled = self._labeled(start_step, config.batch_size, 'batch_size', 'labeled')
+    labeled = self._labeled(start_step, config.batch_size, 'batch_size', 'labeled', config.dataset.labeled_view)
     unlabeled_rows = config.uda_ratio * config.batch_size
     rows = self._rows(unlabeled_rows, 'uda_ratio * batch_size')
     order_key = _key(config.seed, 'unlabeled', 'order')
@@ -348,10 +349,11 @@ class Pipeline:
     batches = tf.data.Dataset.zip(labeled, unlabeled).map(batch)
     return self._finish(batches).as_numpy_iterator()
 
-  def labeled_batches(self, start_step=0, batch_size=None):
-    """Endless labeled-only batches (weak view) for finetuning; batch_size defaults to finetune.batch_size."""
+  def labeled_batches(self, start_step=0, batch_size=None, view='weak'):
+    """Endless labeled-only batches (the supervised baseline, finetuning); batch_size defaults to
+    finetune.batch_size, `view` 'weak' or 'strong' (the RandAugment baseline: `dataset.labeled_view`)."""
     batch_size = batch_size or self._config.finetune.batch_size
-    labeled = self._labeled(start_step, batch_size, 'finetune.batch_size', 'finetune')
+    labeled = self._labeled(start_step, batch_size, 'finetune.batch_size', 'finetune', view)
     batches = labeled.map(lambda image, label: {'labeled_image': image, 'labeled_label': label})
     return self._finish(batches).as_numpy_iterator()
 

@@ -443,6 +443,10 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
       'teacher/loss_mpl': feedback.loss_mpl,
       'teacher/learning_rate': teacher.learning_rate_fn(step),
       'teacher/grad_norm': optax.global_norm(teacher_grads),
+      # The two parts of the teacher's gradient at its logits: how large the student's feedback is against the
+      # teacher's own loss (a feedback orders of magnitude smaller cannot move the teacher).
+      'teacher/own_logits_grad_norm': optax.global_norm(own_logits_grad),
+      'mpl/feedback_logits_grad_norm': optax.global_norm(feedback.logits_grad),
       'student/loss': feedback.student_gradient.loss,
       'student/learning_rate': student.learning_rate_fn(step),
       'student/grad_norm': optax.global_norm(feedback.student_gradient.grads),

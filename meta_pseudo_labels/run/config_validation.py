@@ -113,6 +113,7 @@ def validate(config, num_devices):
   # Data.
   _choice(config, 'dataset.source', dataset_choices.SOURCES)
   _choice(config, 'dataset.augment', dataset_choices.AUGMENTATIONS)
+  _choice(config, 'dataset.labeled_view', dataset_choices.LABELED_VIEWS)
   num_classes = _integer(config, 'dataset.num_classes', 2)
   if config.dataset.source != 'two_moons':
     _augmentation(config, _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE))
@@ -123,9 +124,10 @@ def validate(config, num_devices):
   _integer(config, 'dataset.num_validation', 0)
   if _get(config, 'dataset.num_unlabeled') != -1:
     _integer(config, 'dataset.num_unlabeled', 1)
-  if config.dataset.source in ('folder', 'npz') and not config.dataset.data_dir:
+  if config.dataset.source in ('folder', 'npz', 'idx') and not config.dataset.data_dir:
     raise errors.ConfigError(f'dataset.data_dir: source {config.dataset.source!r} needs a path '
-                             '(an image-folder root or an .npz file); set --config.dataset.data_dir=PATH')
+                             '(an image-folder root, an .npz file or an idx directory); set '
+                             '--config.dataset.data_dir=PATH')
 
   # Models.
   _model(config, 'model')

@@ -168,7 +168,8 @@ def _phases(config, pipeline):
             name='teacher_optimizer'),
         step=functools.partial(mpl.supervised_step, hparams=hparams),
         batches=(pipeline.mpl_batches if config.method == 'uda'
-                 else functools.partial(_labeled_batches, pipeline, config.batch_size)),
+                 else functools.partial(_labeled_batches, pipeline, config.batch_size,
+                                        view=config.dataset.labeled_view)),
         eval_models=lambda s: {'model': (s.network.apply_fn, s.network.variables),
                                'model_ema': (s.network.apply_fn, s.ema)})
   if config.method != 'mpl' or not config.finetune.num_steps:
@@ -190,8 +191,8 @@ def _phases(config, pipeline):
   return main_phase, finetune_phase
 
 
-def _labeled_batches(pipeline, batch_size, start_step):
-  return pipeline.labeled_batches(start_step, batch_size)
+def _labeled_batches(pipeline, batch_size, start_step, view='weak'):
+  return pipeline.labeled_batches(start_step, batch_size, view)
 
 
 class _Run:
