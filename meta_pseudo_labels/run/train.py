@@ -2,7 +2,9 @@
 
 `train_and_evaluate(config, workdir)` runs, by `config.method`:
 - 'mpl': the MPL phase (teacher and student, `num_train_steps`, Pham et al. Sec. 2-3), then the student's
-  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). Finetuning starts from the EMA student, the
+  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). With `mpl.teacher='reduced'` (Reduced MPL,
+  App. E) the teacher is T_R on a trained teacher's stored targets (`reduced.targets_dir`, joined to the unlabeled
+  batches by example id: trained/teacher_targets.py); the rest is the same. Finetuning starts from the EMA student, the
   network the MPL phase evaluates and selects (App. C: the EMA student is the one reported), with a fresh optimizer.
 - 'supervised' (labeled batches only) and 'uda' (the teacher's supervised + UDA loss alone): one phase of
   `mpl.supervised_step` with the teacher's optimizer.
@@ -52,6 +54,7 @@ from meta_pseudo_labels.rundir import reporting
 from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.rundir import run_report
 from meta_pseudo_labels.trained import networks
+from meta_pseudo_labels.trained import teacher_targets
 from meta_pseudo_labels.trained import warm_start
 
 # Test-only fault injection (tests/test_reliability.py): `MPL_INJECT_FAULT=<kind>@<phase>:<step>` acts once loop
@@ -121,14 +124,21 @@ def _phases(config, pipeline):
 
   if config.method == networks.MPL:
     hparams = mpl.MplHparams.from_config(config)
+    make_state = lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape)
+    batches = pipeline.mpl_batches
+    apply_fns = lambda s: {'model': s.teacher.apply_fn, 'student_model': s.student.apply_fn}
+    if hparams.teacher == 'reduced':   # T_R on the stored targets, joined by example id; it reads no image
+      targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
+                                     num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
+      make_state = lambda rng: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape)
+      batches = lambda start: teacher_targets.joined_batches(pipeline.mpl_batches(start, with_unlabeled_index=True),
+                                                             targets)
+      apply_fns = lambda s: {'student_model': s.student.apply_fn}   # T_R is no network: nothing to evaluate
     main_phase = Phase(
         name=networks.MPL, num_steps=steps, global_offset=0,
-        init=lambda rng, initial: warm_start.apply(
-            train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape), initial),
-        step=functools.partial(mpl.mpl_step, hparams=hparams),
-        batches=pipeline.mpl_batches,
-        eval_models=_eval_models(networks.MPL, lambda s: {'model': s.teacher.apply_fn,
-                                                          'student_model': s.student.apply_fn}))
+        init=lambda rng, initial: warm_start.apply(make_state(rng), initial),
+        step=functools.partial(mpl.mpl_step, hparams=hparams), batches=batches,
+        eval_models=_eval_models(networks.MPL, apply_fns, reduced_teacher=hparams.teacher == 'reduced'))
   else:
     hparams = mpl.SupervisedHparams.from_config(config)
     main_phase = Phase(
@@ -138,7 +148,8 @@ def _phases(config, pipeline):
             name='teacher_optimizer'), initial),
         step=functools.partial(mpl.supervised_step, hparams=hparams),
         batches=(pipeline.mpl_batches if config.method == 'uda'
-                 else functools.partial(_labeled_batches, pipeline, config.batch_size)),
+                 else functools.partial(_labeled_batches, pipeline, config.batch_size,
+                                        view=config.dataset.labeled_view)),
         eval_models=_eval_models(config.method, lambda s: {'model': s.network.apply_fn}))
   if config.method != networks.MPL or not config.finetune.num_steps:
     return main_phase, None
@@ -159,15 +170,15 @@ def _phases(config, pipeline):
   return main_phase, finetune_phase
 
 
-def _eval_models(phase_name, apply_fns):
+def _eval_models(phase_name, apply_fns, reduced_teacher=False):
   """state -> {network: (apply_fn, variables)} of the networks `phase_name` trains (networks.py's table), where
   `apply_fns(state)` maps an architecture field ('model', 'student_model') to the state's apply function."""
   return lambda s: {network.name: (apply_fns(s)[network.architecture], network.variables(s))
-                    for network in networks.of_phase(phase_name)}
+                    for network in networks.of_phase(phase_name, reduced_teacher)}
 
 
-def _labeled_batches(pipeline, batch_size, start_step):
-  return pipeline.labeled_batches(start_step, batch_size)
+def _labeled_batches(pipeline, batch_size, start_step, view='weak'):
+  return pipeline.labeled_batches(start_step, batch_size, view)
 
 
 class _Run:

@@ -51,17 +51,19 @@ NETWORKS = {network.name: network for network in
 PHASE_FINAL_NETWORK = {MPL: STUDENT_EMA, FINETUNE: STUDENT_FINETUNED, **{m: MODEL for m in SINGLE_NETWORK_METHODS}}
 
 
-def of_phase(phase):
-  """The networks phase `phase` trains and evaluates, in evaluation order."""
+def of_phase(phase, reduced_teacher=False):
+  """The networks phase `phase` trains and evaluates, in evaluation order. `reduced_teacher`: Reduced MPL's teacher
+  T_R (App. E) reads stored targets, not images: it is no network to evaluate or load by name."""
   if phase in SINGLE_NETWORK_METHODS:
     return [MODEL, MODEL_EMA]
-  return [network for network in NETWORKS.values() if network.phase == phase]
+  return [network for network in NETWORKS.values()
+          if network.phase == phase and not (reduced_teacher and network is TEACHER)]
 
 
-def of_run(method, finetune_steps):
+def of_run(method, finetune_steps, reduced_teacher=False):
   """The networks a run trains, in evaluation order."""
   if method == MPL:
-    return of_phase(MPL) + (of_phase(FINETUNE) if finetune_steps else [])
+    return of_phase(MPL, reduced_teacher) + (of_phase(FINETUNE) if finetune_steps else [])
   return of_phase(method)
 
 

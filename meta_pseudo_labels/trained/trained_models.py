@@ -68,7 +68,8 @@ def run_config(workdir):
 
 def network_names(config):
   """The networks a run of `config` (a dict) trains, in evaluation order."""
-  return [network.name for network in networks.of_run(config['method'], config['finetune']['num_steps'])]
+  return [network.name for network in networks.of_run(config['method'], config['finetune']['num_steps'],
+                                                      reduced_teacher=config['mpl'].get('teacher') == 'reduced')]
 
 
 def final_network(config):
