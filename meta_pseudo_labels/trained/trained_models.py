@@ -120,7 +120,8 @@ def restore(workdir, name=None):
     logging.warning('%s: the newest checkpoint is step %d of %d: the run did not finish, using it as it is',
                     directory, step, _phase_steps(config, phase))
   return TrainedNetwork(name=name, source=f'{directory}/{step}',
-                        model_config=_model_config(config, network.architecture), num_classes=config['dataset']['num_classes'], variables=variables,
+                        model_config=_model_config(config, network.architecture),
+                        num_classes=config['dataset']['num_classes'], variables=variables,
                         inputs=read_input_spec(workdir, config))
 
 
