@@ -375,6 +375,7 @@ class TeacherPass(NamedTuple):
   logits_strong: jax.Array      # the teacher's logits on x_s: what the pseudo labels and the feedback read
   own_loss: jax.Array           # L_sup + w(t) L_uda (0 for the reduced teacher)
   own_metrics: dict
+  own_logits_grad_norm: jax.Array   # |d own_loss / d logits|: what the feedback is measured against
   backward: Any                 # d L_mpl / d logits_strong -> the gradient of own loss + L_mpl w.r.t. the params
   batch_stats: Any              # the statistics of the forward pass
 
@@ -398,7 +399,8 @@ def network_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams
   def backward(strong_logits_grad):
     (grads,) = vjp(own_logits_grad.at[strong_start:].add(strong_logits_grad))
     return grads
-  return TeacherPass(logits[strong_start:], own_loss, own_metrics, backward, batch_stats)
+  return TeacherPass(logits[strong_start:], own_loss, own_metrics, optax.global_norm(own_logits_grad), backward,
+                     batch_stats)
 
 
 def reduced_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams: MplHparams) -> TeacherPass:
@@ -410,7 +412,7 @@ def reduced_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams
     return apply_train(teacher.apply_fn, params, teacher.batch_stats, batch.targets_strong, keys.teacher)
   logits, vjp, batch_stats = jax.vjp(forward, teacher.params, has_aux=True)
   backward = lambda strong_logits_grad: vjp(strong_logits_grad)[0]
-  return TeacherPass(logits, jnp.zeros((), jnp.float32), {}, backward, batch_stats)
+  return TeacherPass(logits, jnp.zeros((), jnp.float32), {}, jnp.zeros((), jnp.float32), backward, batch_stats)
 
 
 TEACHER_PASSES = {'network': network_teacher_pass, 'reduced': reduced_teacher_pass}
@@ -445,7 +447,7 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
       'teacher/grad_norm': optax.global_norm(teacher_grads),
       # The two parts of the teacher's gradient at its logits: how large the student's feedback is against the
       # teacher's own loss (a feedback orders of magnitude smaller cannot move the teacher).
-      'teacher/own_logits_grad_norm': optax.global_norm(own_logits_grad),
+      'teacher/own_logits_grad_norm': teacher_pass.own_logits_grad_norm,
       'mpl/feedback_logits_grad_norm': optax.global_norm(feedback.logits_grad),
       'student/loss': feedback.student_gradient.loss,
       'student/learning_rate': student.learning_rate_fn(step),
