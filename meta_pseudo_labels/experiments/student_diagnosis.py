@@ -71,7 +71,7 @@ def _recalibrated(model_config, num_classes, variables, images):
 def diagnose(workdir):
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  pipeline = input_pipeline.create(config)
+  pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed)
   num_classes = pipeline.num_classes
   teacher_model = models.create_model(config.model, num_classes)
   student_config = config.student_model if config.student_model.name else config.model

@@ -144,7 +144,7 @@ def _phases(config, pipeline):
     main_phase = Phase(
         name='mpl', num_steps=steps, global_offset=0,
         init=lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
-        step=functools.partial(mpl.mpl_step, hparams=hparams),
+        step=pipeline.with_views(functools.partial(mpl.mpl_step, hparams=hparams)),
         batches=pipeline.mpl_batches,
         eval_models=lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables),
                                'student': (s.student.apply_fn, s.student.variables),
@@ -156,7 +156,7 @@ def _phases(config, pipeline):
         init=lambda rng, _: train_state.create_supervised_state(
             rng, teacher_model, config.teacher_optimizer, input_shape, total_steps=steps,
             name='teacher_optimizer'),
-        step=functools.partial(mpl.supervised_step, hparams=hparams),
+        step=pipeline.with_views(functools.partial(mpl.supervised_step, hparams=hparams)),
         batches=(pipeline.mpl_batches if config.method == 'uda'
                  else functools.partial(_labeled_batches, pipeline, config.batch_size)),
         eval_models=lambda s: {'model': (s.network.apply_fn, s.network.variables),
@@ -174,7 +174,8 @@ def _phases(config, pipeline):
 
   finetune_phase = Phase(
       name='finetune', num_steps=finetune_steps, global_offset=steps, init=finetune_init,
-      step=functools.partial(mpl.finetune_step, hparams=mpl.SupervisedHparams.for_finetune(config)),
+      step=pipeline.with_views(functools.partial(mpl.finetune_step,
+                                                 hparams=mpl.SupervisedHparams.for_finetune(config))),
       batches=functools.partial(_labeled_batches, pipeline, config.finetune.batch_size),
       eval_models=lambda s: {'student_finetuned': (s.network.apply_fn, s.network.variables)})
   return main_phase, finetune_phase
@@ -327,7 +328,8 @@ def train_and_evaluate(config, workdir):
   changed = checkpoint.check_compatible(os.fspath(path), config_dict)
   if changed:
     logging.warning('Resuming %s with changed fields %s', workdir, changed)
-  pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
+  pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
   main_phase, initial_networks = warm_start.prepare(config, main_phase, pipeline.num_classes, path / 'checkpoints')

@@ -1,7 +1,9 @@
-"""Metrics and progress: a thin wrapper over clu's metric writers, so the training loop never imports clu.
+"""Metrics and progress: a thin writer, so the training loop never imports clu or TensorFlow.
 
-Scalars go to TensorBoard event files under `workdir/tensorboard` and to the log (clu's default writer). Only the
-primary process writes event files; the others log; `read_scalars` reads them back (sweeps plot their curves), and
+Scalars go to TensorBoard event files under `workdir/tensorboard` and to the log: clu's default writer where clu is
+installed, else `_EventFileWriter`, the tensorboard package's own event writer (no TensorFlow, no clu: the program
+runs wherever JAX runs). Only the primary process writes event files; the others log; `read_event_scalars` reads
+them back with the tensorboard package's reader (the run report, sweeps' curves), and
 `write_sweep_results` writes and prints a sweep's table and JSON.
 `progress(step)` adds a line with steps/s and an ETA measured between two calls, so call it where the host has
 synchronised with the device (at log steps, after fetching metrics) or the rate would measure dispatch, not
@@ -13,7 +15,6 @@ import os
 import time
 
 from absl import logging
-from clu import metric_writers
 import jax
 
 
@@ -30,8 +31,7 @@ class Reporter:
   def __init__(self, workdir, total_steps, is_primary=True):
     self.total_steps = total_steps
     self.logdir = f'{workdir}/tensorboard'
-    self._writer = metric_writers.create_default_writer(
-        self.logdir if is_primary else None, just_logging=not is_primary, asynchronous=True)
+    self._writer = _create_writer(self.logdir if is_primary else None)
     self._last = None   # (step, time) of the previous progress() call
 
   def scalars(self, step, scalars):
@@ -62,17 +62,73 @@ class Reporter:
     self._writer.close()
 
 
+def _create_writer(logdir):
+  """clu's default writer (log + event files, asynchronous) if clu is installed, else `_EventFileWriter`."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  # optional
+  except ImportError:   # no clu (or clu without its TensorFlow)
+    return _EventFileWriter(logdir)
+  return metric_writers.create_default_writer(logdir, just_logging=logdir is None, asynchronous=True)
+
+
+class _EventFileWriter:
+  """Scalars and hparams to the log and (when `logdir` is given) to an event file, through the tensorboard
+  package's own `EventFileWriter` (no TensorFlow, no clu); clu's writer interface."""
+
+  def __init__(self, logdir):
+    self._writer = None
+    if logdir is not None:
+      from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+      self._writer = event_file_writer.EventFileWriter(logdir)
+
+  def _add(self, step, summary):
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    if self._writer is not None:
+      self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def write_scalars(self, step, scalars):
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    logging.info('[%d] %s', step, ', '.join(f'{tag}={value:.6g}' for tag, value in sorted(scalars.items())))
+    self._add(step, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+                                               for tag, value in scalars.items()]))
+
+  def write_hparams(self, hparams):
+    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=g-import-not-at-top
+    logging.info('hparams: %s', hparams)
+    self._add(0, summary_v2.hparams_pb(hparams))
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+
+
+def read_event_scalars(logdir):
+  """{tag: {step: value}} from every event file in `logdir` (in file-name order: later files win), through the
+  tensorboard package's reader (no TensorFlow needed); a damaged tail (a killed process's file) ends that file."""
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    for event in event_file_loader.EventFileLoader(path).Load():
+      for value in event.summary.value:
+        if value.HasField('simple_value'):
+          number = value.simple_value
+        elif value.metadata.plugin_data.plugin_name == 'scalars':
+          number = float(tensor_util.make_ndarray(value.tensor))
+        else:
+          continue
+        scalars.setdefault(value.tag, {})[event.step] = number
+  return scalars
+
+
 def read_scalars(logdir, tags):
   """{tag: [(step, value), ...] sorted by step} of the `tags` written to the event files under `logdir`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only reading event files back needs TF
-  scalars = {tag: {} for tag in tags}
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag in scalars:
-          number = value.simple_value if value.HasField('simple_value') else float(tf.make_ndarray(value.tensor))
-          scalars[value.tag][event.step] = number
-  return {tag: sorted(values.items()) for tag, values in scalars.items()}
+  scalars = read_event_scalars(logdir)
+  return {tag: sorted(scalars.get(tag, {}).items()) for tag in tags}
 
 
 def write_sweep_results(config, paths, table, fields, headline):

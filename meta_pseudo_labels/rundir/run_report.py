@@ -7,14 +7,14 @@ the UDA confidence-mask rate, the learning rates. Below, per split (validation, 
 final model (rows: true class, normalised to 1) and their per-class top-1 accuracies.
 """
 
-import glob
 import math
 import os
 
 from matplotlib.backends import backend_agg
 from matplotlib import figure as mpl_figure
 import numpy as np
-import tensorflow as tf
+
+from meta_pseudo_labels.rundir import reporting
 
 FILENAME = 'report.png'
 MAX_CLASS_LABELS = 30   # more classes: no tick labels (unreadable), the matrix alone
@@ -28,25 +28,6 @@ CURVES = (
     ('UDA mask rate', lambda tag: tag.endswith('/uda_mask_rate')),
     ('learning rate', lambda tag: tag.endswith('/learning_rate')),
 )
-
-
-def read_scalars(logdir):
-  """{tag: {step: value}} from every TensorBoard event file in `logdir` (in file-name order: later files win)."""
-  scalars = {}
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(path):
-        for value in event.summary.value:
-          if value.HasField('simple_value'):
-            number = value.simple_value
-          elif value.metadata.plugin_data.plugin_name == 'scalars':
-            number = float(tf.make_ndarray(value.tensor))
-          else:
-            continue
-          scalars.setdefault(value.tag, {})[event.step] = number
-    except tf.errors.DataLossError:   # the tail of a killed process's file; what was read before stays
-      continue
-  return scalars
 
 
 def _draw_curves(axes, title, series):
@@ -109,7 +90,7 @@ def _draw_per_class(axes, title, per_model, class_names):
 def write(workdir, logdir, final, class_names=None):
   """Draws `workdir/report.png` from the event files in `logdir` and the final evaluation `final`
   ({split: {model: Evaluator.evaluate's metrics, with 'confusion'}}); returns its path."""
-  scalars = read_scalars(logdir)
+  scalars = reporting.read_event_scalars(logdir)
   splits = list(final)
   models = list(final[splits[-1]])
   num_classes = len(final[splits[-1]][models[0]]['confusion'])
