@@ -138,9 +138,10 @@ class Views:
     """The evaluation view of an image or a batch of them (numpy or JAX)."""
     return _normalize(augment.eval_view(image, kind=self.kind, image_size=self.image_size), self.mean, self.std)
 
-  def of_batch(self, view, images, key):
-    """`view` ('weak' | 'strong') of every row of `images`, row r with key fold_in(key, r)."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(images.shape[0]))
+  def of_batch(self, view, images, key, first_row=0):
+    """`view` ('weak' | 'strong') of every row of `images`, row r with key fold_in(key, first_row + r) (first_row:
+    where these rows start in the global batch)."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, first_row + jnp.arange(images.shape[0]))
     return jax.vmap(getattr(self, view))(images, keys)
 
 
@@ -208,8 +209,7 @@ class Pipeline:
         class_names=data_sources.class_names(dataset_config))
     self.split_sizes = {split: examples.size(split) for split in ('train_labeled', 'validation', 'unlabeled',
                                                                   'test')}
-    self._strong_views = jax.jit(lambda images, key: views.of_batch('strong', images, key))
-    self._weak_views = jax.jit(lambda images, key: views.of_batch('weak', images, key))
+    self._eval_split_views = jax.jit(views.of_batch, static_argnums=0)
 
   def _rows(self, num_rows, field):
     return host_rows(num_rows, *self._process, field)
@@ -232,14 +232,14 @@ class Pipeline:
     labeled = self._train('labeled', 'labeled', start_step, spec.batch_size, 'batch_size')
     unlabeled = self._train('unlabeled', 'unlabeled', start_step, spec.uda_ratio * spec.batch_size,
                             'uda_ratio * batch_size')
-    for (images, labels), (unlabeled_images, _) in zip(labeled, unlabeled):
-      yield {'labeled_image': images, 'labeled_label': labels, 'unlabeled_image': unlabeled_images}
+    return ({'labeled_image': images, 'labeled_label': labels, 'unlabeled_image': unlabeled_images}
+            for (images, labels), (unlabeled_images, _) in zip(labeled, unlabeled))
 
   def labeled_batches(self, start_step=0, batch_size=None):
     """Endless labeled-only host batches for finetuning; batch_size defaults to the spec's finetune_batch_size."""
     batch_size = batch_size or self._batch_spec.finetune_batch_size
-    for images, labels in self._train('labeled', 'finetune', start_step, batch_size, 'finetune.batch_size'):
-      yield {'labeled_image': images, 'labeled_label': labels}
+    return ({'labeled_image': images, 'labeled_label': labels}
+            for images, labels in self._train('labeled', 'finetune', start_step, batch_size, 'finetune.batch_size'))
 
   def eval_batches(self, split, batch_size=None, view='eval'):
     """One pass over 'validation' | 'test' | 'train_labeled'; the last batch padded (mask 0); model inputs.
@@ -252,15 +252,16 @@ class Pipeline:
     batch_size = batch_size or self._batch_spec.eval_batch_size
     rows = self._rows(batch_size, 'eval_batch_size')
     key = jax.random.key(_key(self._seed, split, view))
-    batches = self._examples.eval_batches(split, batch_size=batch_size, rows=rows)
-    for step, (images, labels, mask) in enumerate(batches):
+
+    def prepare(step, images):
       if view == 'eval':
-        images = self.views.eval(images)
-      else:
-        view_fn = self._strong_views if view == 'strong' else self._weak_views
-        # Row r of the global batch of step s: key fold_in(key, s * batch_size + r), whatever the host split.
-        images = np.asarray(view_fn(images, jax.random.fold_in(key, step * batch_size + rows[0])))
-      yield {'image': images, 'label': labels, 'mask': mask}
+        return self.views.eval(images)
+      # Row r of the global batch of step s has the key fold_in(fold_in(key, s), r), whatever the host split.
+      return np.asarray(self._eval_split_views(view, images, jax.random.fold_in(key, step), rows[0]))
+
+    batches = self._examples.eval_batches(split, batch_size=batch_size, rows=rows)
+    return ({'image': prepare(step, images), 'label': labels, 'mask': mask}
+            for step, (images, labels, mask) in enumerate(batches))
 
 
 # ---- creation -------------------------------------------------------------------------------------------------
