@@ -51,11 +51,10 @@ class Arrays:
 class InMemoryData:
   train: Arrays
   test: Arrays
-  extra_unlabeled: Arrays | None  # config.dataset.unlabeled_source, labels all -1
 
 
 def load_in_memory(dataset_config, stored_size):
-  """(train, test) `Arrays` of the source; images are resized to stored_size x stored_size."""
+  """The source's train and test `Arrays`; images are resized to stored_size x stored_size."""
   source = dataset_config.source
   if source == 'tfds':
     builder = tfds_builder(dataset_config.name, dataset_config.data_dir)
@@ -76,7 +75,7 @@ def load_in_memory(dataset_config, stored_size):
     raise ConfigError(f"dataset.source: unknown source '{source}'; choose one of {list(SOURCES)}")
   check_labels(train.labels, dataset_config, dataset_config.train_split)
   check_labels(test.labels, dataset_config, dataset_config.test_split)
-  return train, test
+  return InMemoryData(train, test)
 
 
 def open_examples(dataset_config, stored_size, split_pools):
@@ -89,7 +88,8 @@ def open_examples(dataset_config, stored_size, split_pools):
   tfds_data_dir = dataset_config.data_dir if dataset_config.source == 'tfds' else ''
   if dataset_config.source == 'tfds' and not dataset_config.in_memory:
     return StreamingExamples.open(dataset_config, stored_size, split_pools, extra_source)
-  train, test = load_in_memory(dataset_config, stored_size)
+  data = load_in_memory(dataset_config, stored_size)
+  train, test = data.train, data.test
   pools = split_pools(train.labels)
   own_train_size = len(train)
   if extra_source is not None:
