@@ -60,6 +60,7 @@ def _truncate_to_uint8(values):
 def affine(image, matrix, fill_value=FILL_VALUE):
   """Output pixel (x, y) takes input pixel floor(M @ (x + 1/2, y + 1/2, 1)), `fill_value` outside the image: PIL's
   `Image.transform(size, Image.AFFINE, matrix, Image.NEAREST, fillcolor=fill)`. `matrix`: (a, b, c, d, e, f)."""
+  image = jnp.asarray(image)
   height, width = image.shape[:2]
   a, b, c, d, e, f = (jnp.asarray(v, jnp.float32) for v in matrix)
   ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5, jnp.arange(width, dtype=jnp.float32) + 0.5,
@@ -71,15 +72,20 @@ def affine(image, matrix, fill_value=FILL_VALUE):
   return jnp.where(inside[:, :, None], pixels, jnp.asarray(fill_value, image.dtype))
 
 
-def rotate_and_shear(image, degrees, shear, fill_value=FILL_VALUE):
-  """PIL's `rotate(degrees)` (counter-clockwise about the centre (W/2, H/2)) after an x-shear of `shear` about it."""
-  height, width = image.shape[:2]
+def _rotation_matrix(height, width, degrees, shear=0.0):
+  """The affine matrix of PIL's `rotate(degrees)` (counter-clockwise about the centre (W/2, H/2)) after an x-shear
+  of `shear` about the centre."""
   radians = -jnp.asarray(degrees, jnp.float32) * (math.pi / 180.0)
   cos, sin = jnp.cos(radians), jnp.sin(radians)
   # output -> input: rotation (PIL's matrix), then the shear x_in = x + shear * y, both about the centre.
   a, b, d, e = cos, sin + shear * cos, -sin, cos - shear * sin
   cx, cy = width / 2.0, height / 2.0
-  return affine(image, (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy), fill_value)
+  return (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
+
+
+def rotate_and_shear(image, degrees, shear, fill_value=FILL_VALUE):
+  """PIL's `rotate(degrees)` after an x-shear of `shear`, both about the image centre."""
+  return affine(image, _rotation_matrix(*image.shape[:2], degrees, shear), fill_value)
 
 
 def rotate(image, degrees):
@@ -129,14 +135,30 @@ def _grey(image):
   return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
 
 
+def _color_degenerate(image):
+  return jnp.repeat(_grey(image)[:, :, None], 3, axis=-1)
+
+
+def _contrast_degenerate(image):
+  """The mean grey level, rounded (PIL: int(mean + 0.5))."""
+  return jnp.full(image.shape, jnp.floor(jnp.mean(_grey(image).astype(jnp.float32)) + 0.5))
+
+
+def _sharpness_degenerate(image):
+  """PIL's SMOOTH filter (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13, rounded; the border keeps its pixels)."""
+  height, width = image.shape[:2]
+  values = jnp.asarray(image, jnp.float32)
+  total = sum(values[dy:height - 2 + dy, dx:width - 2 + dx] for dy in range(3) for dx in range(3))
+  smooth = (total + 4.0 * values[1:-1, 1:-1]) / 13.0
+  return values.at[1:-1, 1:-1].set(jnp.floor(jnp.clip(smooth + 0.5, 0.0, 255.0)))
+
+
 def color(image, factor):
-  return _blend(jnp.repeat(_grey(image)[:, :, None], 3, axis=-1), image, factor)
+  return _blend(_color_degenerate(image), image, factor)
 
 
 def contrast(image, factor):
-  """Blends with the mean grey level, rounded (PIL: int(mean + 0.5))."""
-  mean = jnp.floor(jnp.mean(_grey(image).astype(jnp.float32)) + 0.5)
-  return _blend(jnp.full(image.shape, mean), image, factor)
+  return _blend(_contrast_degenerate(image), image, factor)
 
 
 def brightness(image, factor):
@@ -144,22 +166,19 @@ def brightness(image, factor):
 
 
 def sharpness(image, factor):
-  """Blends with PIL's SMOOTH filter (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13, rounded; the border keeps its pixels)."""
-  height, width = image.shape[:2]
-  values = jnp.asarray(image, jnp.float32)
-  total = sum(values[dy:height - 2 + dy, dx:width - 2 + dx] for dy in range(3) for dx in range(3))
-  smooth = (total + 4.0 * values[1:-1, 1:-1]) / 13.0
-  degenerate = values.at[1:-1, 1:-1].set(jnp.floor(jnp.clip(smooth + 0.5, 0.0, 255.0)))
-  return _blend(degenerate, image, factor)
+  return _blend(_sharpness_degenerate(image), image, factor)
 
 
-def _per_channel_lut(image, lut_fn):
-  """Applies `lut_fn(histogram [256]) -> lookup table [256]` to each channel, as PIL's `point` does per band."""
-  def channel(values):
-    histogram = jnp.zeros([256], jnp.int32).at[values.reshape(-1)].add(1)
-    return lut_fn(histogram)[values]
-  return jnp.stack([channel(image[:, :, c].astype(jnp.int32)) for c in range(image.shape[-1])],
-                   axis=-1).astype(jnp.uint8)
+def _histograms(image):
+  """Per-channel histograms [C, 256] of a uint8 image [H, W, C]."""
+  values = image.reshape(-1, image.shape[-1]).astype(jnp.int32).T
+  return jax.vmap(lambda v: jnp.zeros([256], jnp.int32).at[v].add(1))(values)
+
+
+def _apply_luts(image, luts):
+  """Channel c of `image` through the lookup table luts[c] ([C, 256]), as PIL's `point` does per band."""
+  return jnp.take_along_axis(luts, image.reshape(-1, image.shape[-1]).astype(jnp.int32).T, axis=1).T.reshape(
+      image.shape).astype(jnp.uint8)
 
 
 @functools.cache
@@ -176,33 +195,36 @@ def _pil_autocontrast_shortfalls():
   return np.sort(np.concatenate(keys)).astype(np.int32)
 
 
-def autocontrast(image):
-  """PIL ImageOps.autocontrast: each channel stretched to [0, 255] (truncated); a constant channel is unchanged."""
+def _autocontrast_lut(histogram):
+  """PIL ImageOps.autocontrast's table for one channel: stretched to [0, 255] (truncated); constant: unchanged."""
   shortfalls = jnp.asarray(_pil_autocontrast_shortfalls())
+  levels = jnp.arange(256)
+  present = histogram > 0
+  lo = jnp.min(jnp.where(present, levels, 255))
+  hi = jnp.max(jnp.where(present, levels, 0))
+  stretched = jnp.clip((levels - lo) * 255 // jnp.maximum(hi - lo, 1), 0, 255)
+  keys = lo * 65536 + hi * 256 + levels
+  found = shortfalls[jnp.clip(jnp.searchsorted(shortfalls, keys), 0, len(shortfalls) - 1)] == keys
+  return jnp.where(hi > lo, stretched - found, levels)
 
-  def lut(histogram):
-    levels = jnp.arange(256)
-    present = histogram > 0
-    lo = jnp.min(jnp.where(present, levels, 255))
-    hi = jnp.max(jnp.where(present, levels, 0))
-    stretched = jnp.clip((levels - lo) * 255 // jnp.maximum(hi - lo, 1), 0, 255)
-    keys = lo * 65536 + hi * 256 + levels
-    found = shortfalls[jnp.clip(jnp.searchsorted(shortfalls, keys), 0, len(shortfalls) - 1)] == keys
-    return jnp.where(hi > lo, stretched - found, levels)
-  return _per_channel_lut(image, lut)
+
+def _equalize_lut(histogram):
+  """PIL ImageOps.equalize's table for one channel, from its cumulative histogram."""
+  levels = jnp.arange(256)
+  last_nonzero = histogram[jnp.max(jnp.where(histogram > 0, levels, 0))]
+  step = (jnp.sum(histogram) - last_nonzero) // 255
+  safe_step = jnp.maximum(step, 1)
+  before = jnp.cumsum(histogram) - histogram
+  table = jnp.clip((before + safe_step // 2) // safe_step, 0, 255)
+  return jnp.where(step > 0, table, levels)
+
+
+def autocontrast(image):
+  return _apply_luts(image, jax.vmap(_autocontrast_lut)(_histograms(image)))
 
 
 def equalize(image):
-  """PIL ImageOps.equalize per channel: a lookup table from the cumulative histogram."""
-  def lut(histogram):
-    levels = jnp.arange(256)
-    last_nonzero = histogram[jnp.max(jnp.where(histogram > 0, levels, 0))]
-    step = (jnp.sum(histogram) - last_nonzero) // 255
-    safe_step = jnp.maximum(step, 1)
-    before = jnp.cumsum(histogram) - histogram
-    table = jnp.clip((before + safe_step // 2) // safe_step, 0, 255)
-    return jnp.where(step > 0, table, levels)
-  return _per_channel_lut(image, lut)
+  return _apply_luts(image, jax.vmap(_equalize_lut)(_histograms(image)))
 
 
 def invert(image):
@@ -226,7 +248,8 @@ RANDAUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 
 
 def op_branches(magnitude, translate_const, cutout_const):
   """One `(image, sign, key) -> image` per RANDAUGMENT_OPS entry, its argument set by the level `magnitude` as in
-  the release (sign: the random direction of the geometric ops; key: Cutout's position)."""
+  the release (sign: the random direction of the geometric ops; key: Cutout's position): the ops one by one, the
+  definition that `randaugment`'s fused `_apply_op` computes (tests/test_augment.py checks they agree)."""
   level = magnitude / _MAX_LEVEL
   enhance = level * 1.8 + 0.1
   posterize_bits = min(8, max(1, int(level * 4)))
@@ -262,12 +285,48 @@ def randaugment_choices(key, num_ops):
   return op_indices, applied, signs, jax.random.split(op_keys, num_ops)
 
 
+def _apply_op(image, op_index, sign, key, *, magnitude, translate_const, cutout_const):
+  """RANDAUGMENT_OPS[op_index] of `image`, the same as `op_branches`'s, computed as one op of its family: a
+  per-channel lookup table (AutoContrast, Equalize, Invert, Posterize, Solarize), one affine warp (Rotate, ShearX/Y,
+  TranslateX/Y), one blend (Color, Contrast, Brightness, Sharpness) or Cutout. Under vmap a `lax.switch` computes
+  every branch for every image; this computes each family's one expensive pass (histogram, gather, filter) once."""
+  level = magnitude / _MAX_LEVEL
+  is_op = lambda *names: jnp.isin(op_index, jnp.asarray([RANDAUGMENT_OPS.index(name) for name in names]))
+  height, width = image.shape[:2]
+  # Lookup tables: the pointwise ops are their own tables applied to the 256 levels.
+  levels = jnp.arange(256, dtype=jnp.uint8)
+  histograms = _histograms(image)
+  luts = jnp.select(
+      [is_op('AutoContrast'), is_op('Equalize'), is_op('Invert'), is_op('Posterize')],
+      [jax.vmap(_autocontrast_lut)(histograms), jax.vmap(_equalize_lut)(histograms),
+       jnp.broadcast_to(invert(levels), (3, 256)).astype(jnp.int32),
+       jnp.broadcast_to(posterize(levels, min(8, max(1, int(level * 4)))), (3, 256)).astype(jnp.int32)],
+      jnp.broadcast_to(solarize(levels, int(level * 256)), (3, 256)).astype(jnp.int32))
+  # Affine warps: one matrix per op.
+  shear, shift = sign * level * 0.3, sign * level * translate_const
+  identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+  matrices = {'Rotate': _rotation_matrix(height, width, sign * level * 30.0),
+              'ShearX': (1.0, shear, 0.0, 0.0, 1.0, 0.0), 'ShearY': (1.0, 0.0, 0.0, shear, 1.0, 0.0),
+              'TranslateX': (1.0, 0.0, shift, 0.0, 1.0, 0.0), 'TranslateY': (1.0, 0.0, 0.0, 0.0, 1.0, shift)}
+  matrix = [jnp.select([is_op(name) for name in matrices], [jnp.asarray(m[i], jnp.float32) for m in matrices.values()],
+                       identity[i]) for i in range(6)]
+  # Blends: one degenerate image per op.
+  degenerate = jnp.select([is_op('Color'), is_op('Contrast'), is_op('Brightness')],
+                          [_color_degenerate(image).astype(jnp.float32), _contrast_degenerate(image),
+                           jnp.zeros(image.shape)], _sharpness_degenerate(image))
+  families = [is_op('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'Solarize'), is_op(*matrices),
+              is_op('Color', 'Contrast', 'Brightness', 'Sharpness')]
+  return jnp.select(families, [_apply_luts(image, luts), affine(image, matrix), _blend(degenerate, image,
+                                                                                        level * 1.8 + 0.1)],
+                    cutout(image, 2 * int(level * cutout_const), key))
+
+
 def randaugment(image, key, *, num_ops, magnitude, translate_const, cutout_const):
   """Applies `num_ops` ops drawn uniformly from RANDAUGMENT_OPS, each with probability p ~ U(0.2, 0.8)."""
-  branches = op_branches(float(magnitude), float(translate_const), float(cutout_const))
   op_indices, applied, signs, op_keys = randaugment_choices(key, num_ops)
   for i in range(num_ops):
-    augmented = jax.lax.switch(op_indices[i], branches, image, signs[i], op_keys[i])
+    augmented = _apply_op(image, op_indices[i], signs[i], op_keys[i], magnitude=float(magnitude),
+                          translate_const=float(translate_const), cutout_const=float(cutout_const))
     image = jnp.where(applied[i], augmented, image)
   return image
 
