@@ -2,8 +2,9 @@
 where importing TensorFlow, TFDS and clu fails (an accelerator machine without them, issue 24).
 
 The blocker is a `sitecustomize` module first on PYTHONPATH that wraps every meta-path finder so that it does not
-see those packages or their submodules: they are not installed, as far as the program can tell. The data is an image folder (PIL) with the CIFAR views
-(RandAugment, Cutout) made on the device; metrics go through the tensorboard package's own event writer.
+see those packages or their submodules: they are not installed, as far as the program can tell. The data is an
+image folder (PIL) with the CIFAR views (RandAugment, Cutout) made on the device; metrics go through the
+tensorboard package's own event writer.
 """
 
 import csv

@@ -42,7 +42,6 @@ DIGITS_MAX_SHEAR = 0.2       # x offset per row, about the centre (~11 degrees o
 DIGITS_BACKGROUND = 0
 _MAX_LEVEL = 10.0
 CENTER_CROP_FRACTION = 0.875  # ImageNet evaluation: 224 of 256
-KINDS = ('cifar', 'digits', 'imagenet', 'none')
 
 
 def stored_size(kind, image_size):

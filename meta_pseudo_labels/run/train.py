@@ -12,8 +12,9 @@ test split, and `workdir/results.json` is written.
 Reliability, by design:
 - Resume is bitwise: each phase checkpoints its whole state (parameters, BatchNorm statistics, optimizer and
   schedule counters, EMA, MPL baseline) under `workdir/checkpoints/<phase>`; the batches of step s are a pure
-  function of (seed, s) and the step rng is `fold_in(rng, step)` inside the steps, so restarting at the saved step
-  replays exactly what an uninterrupted run computes.
+  function of (seed, s) and the step rng is `fold_in(rng, step)` inside the steps (the views too, made inside the
+  jitted step by `pipeline.with_views`), so restarting at the saved step replays exactly what an uninterrupted run
+  computes.
 - The host waits for the device only at sync points (log, eval and checkpoint steps, the phase end, a preemption):
   metrics are summed on the device by the jitted step and fetched there, one transfer per sync.
 - Divergence guard (built into the jitted step by `step_builder.py`): every step computes whether all its metrics

@@ -112,7 +112,7 @@ def read_input_spec(workdir, config):
     return input_spec.InputSpec.from_dict(_read_json(path, 'a training workdir'))
   logging.warning('%s is missing (a run of an older version): reading the training data %s again for its channel '
                   'statistics', path, config['dataset']['data_dir'] or config['dataset']['name'])
-  # Only this fallback needs the data (and for TFDS data TensorFlow) and ml_collections: everything else here runs with jax alone.
+  # Only this fallback needs the training data (TFDS data: TensorFlow) and ml_collections; the rest runs on jax alone.
   import ml_collections  # pylint: disable=g-import-not-at-top
   from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config)
