@@ -13,6 +13,7 @@ made on the device (`augment.py`).
 """
 
 import dataclasses
+import functools
 import io
 import itertools
 import os
@@ -143,9 +144,10 @@ def _describe(dataset_config):
 
 # ---- TFDS -----------------------------------------------------------------------------------------------------
 
+@functools.cache
 def _tensorflow():
   """TensorFlow, imported by the TFDS source alone and kept on the CPU (it would otherwise reserve the GPU/TPU
-  memory that JAX needs)."""
+  memory that JAX needs); once, before TensorFlow initialises its devices."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only TFDS sources need TensorFlow
   for device_type in ('GPU', 'TPU'):
     if tf.config.list_physical_devices(device_type):
