@@ -1,4 +1,5 @@
-"""Where examples come from: TFDS, an image folder, a .npz file, scikit-learn's digits or the TwoMoon generator.
+"""Where examples come from: TFDS, an image folder, a .npz file, MNIST-format idx files, scikit-learn's digits or the
+TwoMoon generator.
 
 Every source yields (image, label) pairs; `input_pipeline` does the splitting, the views and batching, so custom data
 goes through exactly the same pipeline as the paper's data sets, chosen by `config.dataset.source` alone.
@@ -14,6 +15,7 @@ made on the device (`augment.py`).
 
 import dataclasses
 import functools
+import gzip
 import io
 import itertools
 import os
@@ -67,6 +69,9 @@ def load_in_memory(dataset_config, stored_size):
     test = _folder_arrays(dataset_config.data_dir, dataset_config.test_split, class_names, stored_size)
   elif source == 'npz':
     train, test = _npz_arrays(dataset_config.data_dir, stored_size)
+  elif source == 'idx':
+    train, test = (Arrays(_fit_images(np.repeat(images, 3, axis=-1), stored_size), labels)
+                   for images, labels in idx_splits(dataset_config.data_dir))
   elif source == 'digits':
     train, test = _digits_arrays(stored_size)
   elif source == 'two_moons':
@@ -322,6 +327,68 @@ def _fit_images(images, stored_size):
   return np.stack([fit_image(image, stored_size) for image in images])
 
 
+# ---- MNIST-format idx files -----------------------------------------------------------------------------------
+
+# The files of an MNIST-format release (MNIST, Fashion-MNIST, KMNIST, EMNIST), each optionally gzipped. Format
+# (yann.lecun.com/exdb/mnist): a big-endian header, magic 0x00000801 (labels, uint8 [N]) or 0x00000803 (images, uint8
+# [N, rows, cols]), then the N sizes, then the bytes.
+IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+             'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}   # number of dimensions -> magic number (uint8 data)
+IDX_INSTALL_HINT = ('install it with `apt-get install dataset-fashion-mnist` (files under /usr/share/datasets/'
+                    'fashion-mnist/) or read TFDS instead: --config.dataset.source=tfds '
+                    '--config.dataset.name=fashion_mnist')
+
+
+def idx_splits(directory):
+  """[(images uint8 [N, rows, cols, 1], labels int32 [N]) of the train files, the same of the test files]."""
+  if not os.path.isdir(directory):
+    raise DataError(f'dataset.data_dir: idx directory {directory!r} does not exist; {IDX_INSTALL_HINT}')
+  splits = []
+  for images_name, labels_name in IDX_FILES.values():
+    images = read_idx(_idx_path(directory, images_name), num_dims=3)
+    labels = read_idx(_idx_path(directory, labels_name), num_dims=1)
+    if len(images) != len(labels):
+      raise DataError(f'{directory}: {images_name} holds {len(images)} images but {labels_name} {len(labels)} '
+                      'labels; the two files must come from the same release')
+    splits.append((images[..., None], labels.astype(np.int32)))
+  return splits
+
+
+def _idx_path(directory, name):
+  for path in (os.path.join(directory, name), os.path.join(directory, name + '.gz')):
+    if os.path.isfile(path):
+      return path
+  raise DataError(f'{directory}: no {name}[.gz]; an idx directory holds {sum(IDX_FILES.values(), ())} '
+                  f'(gzipped or not); {IDX_INSTALL_HINT}')
+
+
+def read_idx(path, *, num_dims):
+  """The uint8 array of an idx file (gzipped if its name ends in .gz) of `num_dims` dimensions."""
+  try:
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+      data = f.read()
+  except (OSError, EOFError) as e:   # a .gz cut short raises EOFError, a corrupt one BadGzipFile (an OSError)
+    raise DataError(f'{path}: unreadable idx file ({e}); download it again') from None
+  header_size = 4 * (1 + num_dims)
+  magic = int.from_bytes(data[:4], 'big') if len(data) >= 4 else None
+  if magic != IDX_MAGIC[num_dims]:
+    found = f'0x{magic:08x}' if magic is not None else 'no header'
+    raise DataError(f'{path}: magic number {found}, expected 0x{IDX_MAGIC[num_dims]:08x} (uint8, {num_dims} '
+                    f'dimension{"s" if num_dims > 1 else ""}); not an idx {"image" if num_dims == 3 else "label"} '
+                    'file')
+  if len(data) < header_size:
+    raise DataError(f'{path}: truncated idx file ({len(data)} bytes, the header alone is {header_size}); download '
+                    'it again')
+  shape = tuple(int.from_bytes(data[4 * i:4 * i + 4], 'big') for i in range(1, 1 + num_dims))
+  expected = header_size + int(np.prod(shape))
+  if len(data) != expected:
+    state = 'truncated' if len(data) < expected else 'too long for its header'
+    raise DataError(f'{path}: {state} ({len(data)} bytes, its header\'s shape {shape} needs {expected}); '
+                    'download it again')
+  return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
+
+
 # ---- .npz -----------------------------------------------------------------------------------------------------
 
 def _npz_arrays(path, stored_size):
@@ -389,11 +456,15 @@ class InMemoryExamples:
   def size(self, pool):
     return len(self._pools[pool])
 
+  def ids(self, pool):
+    """The pool's example ids: indices into the training split, the extra unlabeled pool numbered after it."""
+    return self._pools[pool]
+
   def _array_of(self, pool):
     return self._arrays['test' if pool == 'test' else 'train']
 
   def train_batches(self, pool, *, start_step, rows_per_step, rows, key):
-    """Endless (images, labels) of this host's `rows` of every step from `start_step`."""
+    """Endless (images, labels, ids) of this host's `rows` of every step from `start_step`."""
     arrays, indices = self._array_of(pool), self._pools[pool]
     size = len(indices)
     permutations = {}
@@ -407,16 +478,17 @@ class InMemoryExamples:
           permutations[epoch] = np.random.default_rng([key, int(epoch)]).permutation(size)
         here = epochs == epoch
         chosen[here] = indices[permutations[epoch][positions[here] % size]]
-      yield arrays.images[chosen], arrays.labels[chosen]
+      yield arrays.images[chosen], arrays.labels[chosen], chosen
 
   def eval_batches(self, pool, *, batch_size, rows):
-    """One pass: (images, labels, mask) of this host's rows, the last batch padded with example 0 (mask 0)."""
+    """One pass: (images, labels, mask, ids) of this host's rows, the last batch padded with copies of the pool's last
+    example (mask 0)."""
     arrays, indices = self._array_of(pool), self._pools[pool]
     size = len(indices)
     for step in range(-(-size // batch_size)):
       positions = _positions(step, batch_size, rows)
       chosen = indices[np.minimum(positions, size - 1)]
-      yield arrays.images[chosen], arrays.labels[chosen], (positions < size).astype(np.float32)
+      yield arrays.images[chosen], arrays.labels[chosen], (positions < size).astype(np.float32), chosen
 
 
 class StreamingExamples:
@@ -434,6 +506,9 @@ class StreamingExamples:
     for code, pool in enumerate(POOLS):
       membership[pools[pool]] = code
     self._membership = membership
+    self._ids = {pool: pools[pool] for pool in POOLS}
+    if extra is not None:   # the extra pool's records are numbered after the training split's
+      self._ids['unlabeled'] = np.concatenate([pools['unlabeled'], train_size + np.arange(extra[2])])
     self._sizes = {pool: len(pools[pool]) for pool in POOLS}
     self._sizes.update(test=test_size, train_labeled=len(pools['labeled']))
     if extra is not None:
@@ -459,15 +534,27 @@ class StreamingExamples:
   def size(self, pool):
     return self._sizes[pool]
 
+  def ids(self, pool):
+    return self._ids['labeled' if pool == 'train_labeled' else pool]
+
   def _records(self, pool):
-    """The pool's (encoded image, label) records in stored order."""
+    """The pool's (encoded image, label, id) records in stored order (id: the index in its split)."""
     tf, config = _tensorflow(), self._config
     if pool == 'test':
-      return tfds_records(self._builder, config.test_split, config.data_dir, decode_images=False)
+      records = tfds_records(self._builder, config.test_split, config.data_dir, decode_images=False)
+      return records.enumerate().map(lambda i, record: (*record, i))
     code = POOLS.index('labeled' if pool == 'train_labeled' else pool)
     membership = tf.constant(self._membership)
     records = tfds_records(self._builder, config.train_split, config.data_dir, decode_images=False)
-    return records.enumerate().filter(lambda i, _: membership[i] == code).map(lambda _, record: record)
+    return records.enumerate().filter(lambda i, _: membership[i] == code).map(lambda i, record: (*record, i))
+
+  def _extra_records(self):
+    """The extra unlabeled pool's (encoded image, -1, id) records, ids numbered after the training split's."""
+    tf = _tensorflow()
+    builder, split, _ = self._extra
+    records = tfds_records(builder, split, self._config.data_dir, decode_images=False)
+    return records.enumerate(start=len(self._membership)).map(
+        lambda i, record: (record[0], tf.constant(-1, tf.int32), i))
 
   def _batches(self, stream, rows):
     tf = _tensorflow()
@@ -481,10 +568,8 @@ class StreamingExamples:
     buffer = self._config.shuffle_buffer
     stream = self._records(pool).shuffle(buffer, seed=key, reshuffle_each_iteration=True).repeat()
     if pool == 'unlabeled' and self._extra is not None:
-      builder, split, extra_size = self._extra
-      extra = tfds_records(builder, split, self._config.data_dir, decode_images=False)
-      extra = extra.map(lambda image, _: (image, tf.constant(-1, tf.int32)))
-      extra = extra.shuffle(buffer, seed=key + 1, reshuffle_each_iteration=True).repeat()
+      extra_size = self._extra[2]
+      extra = self._extra_records().shuffle(buffer, seed=key + 1, reshuffle_each_iteration=True).repeat()
       own_size = self._sizes['unlabeled'] - extra_size
       stream = tf.data.Dataset.sample_from_datasets([stream, extra], weights=[float(own_size), float(extra_size)],
                                                     seed=key + 2)
@@ -498,8 +583,11 @@ class StreamingExamples:
     tf = _tensorflow()
     size = self._sizes[pool]
     records = self._records(pool)
+    if pool == 'unlabeled' and self._extra is not None:
+      records = records.concatenate(self._extra_records())
     padding = -(-size // batch_size) * batch_size - size
     records = records.concatenate(records.take(1).repeat(padding))  # copies of the first example, mask 0
     lo, hi = rows
     stream = records.enumerate().filter(lambda p, _: (p % batch_size >= lo) & (p % batch_size < hi))
-    return self._batches(stream.map(lambda p, record: (*record, tf.cast(p < size, tf.float32))), rows)
+    return self._batches(stream.map(lambda p, record: (*record[:2], tf.cast(p < size, tf.float32), record[2])),
+                         rows)

@@ -151,23 +151,26 @@ def step_views_key(rng, step):
   return jax.random.fold_in(jax.random.fold_in(rng, step), _VIEWS)
 
 
-def model_batch(views, batch, key):
+def model_batch(views, batch, key, labeled_view='weak'):
   """A host-format batch (uint8 'labeled_image', optional 'unlabeled_image') -> the model's batch: the labeled
-  images' weak view, and the unlabeled images' weak (x_w) and strong (x_s) views; other entries pass through."""
+  images' `labeled_view` ('weak', or 'strong': the RandAugment baseline, `dataset.labeled_view`), and the unlabeled
+  images' weak (x_w) and strong (x_s) views (no x_w beside stored teacher targets, 'unlabeled_targets': Reduced
+  MPL's teacher reads no image); other entries (labels, 'unlabeled_index', the targets) pass through."""
   out = dict(batch)
-  out['labeled_image'] = views.of_batch('weak', batch['labeled_image'], jax.random.fold_in(key, _LABELED_WEAK))
+  out['labeled_image'] = views.of_batch(labeled_view, batch['labeled_image'], jax.random.fold_in(key, _LABELED_WEAK))
   if 'unlabeled_image' in batch:
     unlabeled = out.pop('unlabeled_image')
-    out['unlabeled_weak'] = views.of_batch('weak', unlabeled, jax.random.fold_in(key, _UNLABELED_WEAK))
+    if 'unlabeled_targets' not in batch:
+      out['unlabeled_weak'] = views.of_batch('weak', unlabeled, jax.random.fold_in(key, _UNLABELED_WEAK))
     out['unlabeled_strong'] = views.of_batch('strong', unlabeled, jax.random.fold_in(key, _UNLABELED_STRONG))
   return out
 
 
-def with_views(views, step_fn):
+def with_views(views, step_fn, labeled_view='weak'):
   """`step_fn(state, model batch, rng)` as a step on host-format batches: the views are made inside the (jitted)
   step from `step_views_key(rng, state.step)`."""
   def step(state, batch, rng):
-    return step_fn(state, model_batch(views, batch, step_views_key(rng, state.step)), rng)
+    return step_fn(state, model_batch(views, batch, step_views_key(rng, state.step), labeled_view), rng)
   return step
 
 
@@ -211,17 +214,23 @@ class Pipeline:
   def _rows(self, num_rows, field):
     return host_rows(num_rows, *self._process, field)
 
-  def with_views(self, step_fn):
+  def with_views(self, step_fn, labeled_view='weak'):
     """`step_fn` on this pipeline's training batches (see the module-level `with_views`)."""
-    return with_views(self.views, step_fn)
+    return with_views(self.views, step_fn, labeled_view)
+
+  def unlabeled_ids(self):
+    """The unlabeled pool's example ids, in pool order: an example's index in the training split, the extra
+    `unlabeled_source` numbered after it. Stable for a given dataset config (what stored teacher targets key on)."""
+    return np.asarray(self._examples.ids('unlabeled'), np.int64)
 
   def _train(self, pool, stream_name, start_step, batch_size, field):
     return self._examples.train_batches(pool, start_step=start_step, rows_per_step=batch_size,
                                         rows=self._rows(batch_size, field),
                                         key=_key(self._seed, stream_name, 'order'))
 
-  def mpl_batches(self, start_step=0):
-    """Endless MPL host batches from step `start_step`: labeled_image, labeled_label, unlabeled_image."""
+  def mpl_batches(self, start_step=0, *, with_unlabeled_index=False):
+    """Endless MPL host batches from step `start_step`: labeled_image, labeled_label, unlabeled_image, and with
+    `with_unlabeled_index` unlabeled_index (int32: each unlabeled example's id, `unlabeled_ids`)."""
     spec = self._batch_spec
     if self._examples.size('unlabeled') == 0:
       raise DataError('dataset: the unlabeled pool is empty (num_labeled + num_validation uses the whole training '
@@ -229,14 +238,19 @@ class Pipeline:
     labeled = self._train('labeled', 'labeled', start_step, spec.batch_size, 'batch_size')
     unlabeled = self._train('unlabeled', 'unlabeled', start_step, spec.uda_ratio * spec.batch_size,
                             'uda_ratio * batch_size')
-    return ({'labeled_image': images, 'labeled_label': labels, 'unlabeled_image': unlabeled_images}
-            for (images, labels), (unlabeled_images, _) in zip(labeled, unlabeled))
+    def batch(labeled, unlabeled):
+      (images, labels, _), (unlabeled_images, _, ids) = labeled, unlabeled
+      batch = {'labeled_image': images, 'labeled_label': labels, 'unlabeled_image': unlabeled_images}
+      return dict(batch, unlabeled_index=ids.astype(np.int32)) if with_unlabeled_index else batch
+    return (batch(lab, unl) for lab, unl in zip(labeled, unlabeled))
 
   def labeled_batches(self, start_step=0, batch_size=None):
-    """Endless labeled-only host batches for finetuning; batch_size defaults to the spec's finetune_batch_size."""
+    """Endless labeled-only host batches (the supervised baseline, finetuning); batch_size defaults to the spec's
+    finetune_batch_size. Their view (weak, or strong for the RandAugment baseline) is the step's: `with_views`."""
     batch_size = batch_size or self._batch_spec.finetune_batch_size
     return ({'labeled_image': images, 'labeled_label': labels}
-            for images, labels in self._train('labeled', 'finetune', start_step, batch_size, 'finetune.batch_size'))
+            for images, labels, _ in self._train('labeled', 'finetune', start_step, batch_size,
+                                                 'finetune.batch_size'))
 
   def eval_batches(self, split, batch_size=None, view='eval'):
     """One pass over 'validation' | 'test' | 'train_labeled'; the last batch padded (mask 0); model inputs.
@@ -258,7 +272,16 @@ class Pipeline:
 
     batches = self._examples.eval_batches(split, batch_size=batch_size, rows=rows)
     return ({'image': prepare(step, images), 'label': labels, 'mask': mask}
-            for step, (images, labels, mask) in enumerate(batches))
+            for step, (images, labels, mask, _) in enumerate(batches))
+
+  def unlabeled_eval_batches(self, batch_size):
+    """One pass over the unlabeled pool in pool order, without augmentation (what a teacher's stored targets are
+    computed on): image, index (the example's id, `unlabeled_ids`), mask (0: padding of the last batch).
+
+    Host i of n gets rows [i B/n, (i+1) B/n) of every global batch of B, as `eval_batches`."""
+    rows = self._rows(batch_size, 'reduced.chunk_size')
+    batches = self._examples.eval_batches('unlabeled', batch_size=batch_size, rows=rows)
+    return ({'image': self.views.eval(images), 'index': ids, 'mask': mask} for images, _, mask, ids in batches)
 
 
 # ---- creation -------------------------------------------------------------------------------------------------
