@@ -168,8 +168,9 @@ def test_tfds_mock_cifar10_and_extra_unlabeled_pool():
   assert data.train.images.shape == (12, 16, 16, 3) and len(data.test) == 12
   assert examples.size('unlabeled') == 6 + 12   # the extra pool joins the unlabeled one
   assert examples.train_images.shape == (12, 16, 16, 3)   # channel statistics: the training split's own images
-  images, labels = next(examples.train_batches('unlabeled', start_step=0, rows_per_step=18, rows=(0, 18), key=0))
+  images, labels, ids = next(examples.train_batches('unlabeled', start_step=0, rows_per_step=18, rows=(0, 18), key=0))
   assert images.shape == (18, 16, 16, 3) and sorted(labels.tolist()).count(-1) == 12
+  assert sorted(ids.tolist()) == list(range(6, 24))   # the extra pool's ids follow the training split's
   assert data_sources.parse_unlabeled_source('jft') == ('jft', 'train')
 
 

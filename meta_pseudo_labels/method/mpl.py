@@ -393,6 +393,9 @@ def network_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams
     labeled, weak, strong = jnp.split(logits, _offsets(sizes))
     return teacher_own_loss(labeled, batch.y_labeled, weak, strong, step, hparams.label_smoothing, hparams.uda)
   (own_loss, own_metrics), own_logits_grad = jax.value_and_grad(own_loss_fn, has_aux=True)(logits)
+  # The teacher's own part of its gradient at its logits, against mpl/feedback_logits_grad_norm: how large the
+  # student's feedback is against the teacher's own loss (a feedback orders of magnitude smaller cannot move it).
+  own_metrics = dict(own_metrics, own_logits_grad_norm=optax.global_norm(own_logits_grad))
 
   strong_start = sizes[0] + sizes[1]
   def backward(strong_logits_grad):
@@ -443,9 +446,6 @@ def mpl_step(state, batch, rng, *, hparams: MplHparams):
       'teacher/loss_mpl': feedback.loss_mpl,
       'teacher/learning_rate': teacher.learning_rate_fn(step),
       'teacher/grad_norm': optax.global_norm(teacher_grads),
-      # The two parts of the teacher's gradient at its logits: how large the student's feedback is against the
-      # teacher's own loss (a feedback orders of magnitude smaller cannot move the teacher).
-      'teacher/own_logits_grad_norm': optax.global_norm(own_logits_grad),
       'mpl/feedback_logits_grad_norm': optax.global_norm(feedback.logits_grad),
       'student/loss': feedback.student_gradient.loss,
       'student/learning_rate': student.learning_rate_fn(step),
