@@ -41,7 +41,6 @@ ml_collections only by the command line.
 import copy
 import dataclasses
 import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -277,26 +276,32 @@ def _synthetic_image_config(config, directory: str):
 
 def measure_input_pipeline(config, num_batches: int, step_examples_per_second: float,
                            data: str = 'synthetic') -> dict[str, Any]:
-  """examples/s of `input_pipeline.create(config).mpl_batches()` alone, and its ratio to what the step consumes.
+  """examples/s of the input layer alone: the host batches of `mpl_batches()` and their weak and strong views, made
+  by the jitted `input_pipeline.model_batch` on the default device as the training step makes them; and its ratio to
+  what the step consumes.
 
   An example is one labeled image or one unlabeled image with both its views (B + mu*B per batch), as counted for
   the steps. `data`: 'synthetic' draws random images of the config's shapes through the real pipeline (in memory:
-  augmentation and batching, no decoding, which in-memory data sets do once at load); 'config' reads the config's
-  own data set (streaming TFDS data then includes JPEG decoding). Vector data (TwoMoon) is always the config's.
-  TensorFlow is imported here only: without it the measurement is skipped with a note.
+  batching and the views, no decoding, which in-memory data sets do once at load); 'config' reads the config's
+  own data set (streaming TFDS data then includes JPEG decoding in tf.data). Vector data (TwoMoon) is always the
+  config's.
   """
-  if importlib.util.find_spec('tensorflow') is None:
-    return dict(skipped='TensorFlow is not installed (the input pipeline runs on tf.data)')
   from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
   examples_per_batch = config.batch_size * (1 + config.uda_ratio)
   synthetic = data == 'synthetic' and config.dataset.source != 'two_moons'
+  rng = jax.random.key(config.seed)
   with tempfile.TemporaryDirectory() as directory:
-    pipeline = input_pipeline.create(_synthetic_image_config(config, directory) if synthetic else config)
+    source_config = _synthetic_image_config(config, directory) if synthetic else config
+    pipeline = input_pipeline.create(source_config.dataset, input_pipeline.BatchSpec.from_config(source_config),
+                                     seed=source_config.seed)
+    views = jax.jit(lambda batch, step: input_pipeline.model_batch(
+        pipeline.views, batch, input_pipeline.step_views_key(rng, step)))
     batches = pipeline.mpl_batches(0)
-    next(batches)  # start-up: tf.data tracing and the first prefetch
+    jax.block_until_ready(views(next(batches), 0))  # start-up: compiling the views, the first batch
     start = time.perf_counter()
-    for _ in range(num_batches):
-      next(batches)
+    for step in range(1, num_batches + 1):
+      made = views(next(batches), step)
+    jax.block_until_ready(made)
     seconds = time.perf_counter() - start
   examples_per_second = num_batches * examples_per_batch / seconds
   return dict(data='synthetic images' if synthetic else f'{config.dataset.source}:{config.dataset.name}',

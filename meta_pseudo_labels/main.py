@@ -113,8 +113,12 @@ def _cannot_load_config(error):
 
 
 def _hide_accelerators_from_tensorflow():
-  """tf.data runs on the host; without this TF would reserve GPU/TPU memory that JAX needs."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only the input pipeline needs TF
+  """Where TensorFlow is installed (TFDS sources, clu's writer use it, on the host), without this it would reserve
+  GPU/TPU memory that JAX needs; where it is not, nothing needs it."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  # optional: TFDS sources and clu only
+  except ImportError:
+    return
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 

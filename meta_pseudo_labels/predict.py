@@ -28,7 +28,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from meta_pseudo_labels import cli
 from meta_pseudo_labels import errors
@@ -67,13 +66,6 @@ def image_paths(directory):
   return paths
 
 
-def _read_image(path):
-  try:
-    return data_sources.decode_image(tf.io.read_file(path))
-  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
-    raise errors.DataError(f'{path}: unreadable image (not a valid PNG/JPEG); remove or replace it') from None
-
-
 def _npz_array(path):
   try:
     with np.load(path) as npz:
@@ -109,12 +101,12 @@ def read_inputs(spec):
       raise errors.DataError(f'--images: the network takes vectors of {spec.input_shape[0]} values, not images; '
                              'pass them with --npz')
     paths = image_paths(FLAGS.images)
-    return paths, lambda i: input_pipeline.eval_input(_read_image(paths[i]), spec).numpy()
+    return paths, lambda i: input_pipeline.eval_input(data_sources.read_image(paths[i]), spec)
   x = _npz_array(FLAGS.npz)
   _check_npz_shape(x, spec, FLAGS.npz)
   if x.ndim == 4 and x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
-  return [f'{FLAGS.npz}[{i}]' for i in range(len(x))], lambda i: input_pipeline.eval_input(x[i], spec).numpy()
+  return [f'{FLAGS.npz}[{i}]' for i in range(len(x))], lambda i: input_pipeline.eval_input(x[i], spec)
 
 
 def _progress(num_batches):
@@ -179,7 +171,6 @@ def write_csv(path, names, probabilities, labels, class_names):
 
 def run():
   """The program (flags parsed); raises MplError for the user's mistakes."""
-  input_pipeline.hide_accelerators()
   network = trained_models.restore(FLAGS.workdir, FLAGS.model)
   logging.info('predicting with %s (%s) from %s', network.name, network.architecture, network.source)
   names, prepare = read_inputs(network.inputs)

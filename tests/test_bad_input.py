@@ -292,8 +292,8 @@ def test_mpl_fields_are_checked_before_any_work_by_the_hparams_that_use_them(fie
 
 
 def _create_pipeline(config):
-  from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
-  return input_pipeline.create(config)
+  from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed)
 
 
 @pytest.mark.parametrize('name, hint', [('cifar10', 'run `tfds build cifar10 --data_dir='),

@@ -160,11 +160,17 @@ def test_unknown_tfds_name_and_source():
 
 
 def test_tfds_mock_cifar10_and_extra_unlabeled_pool():
+  config = _dataset_config(source='tfds', name='cifar10', unlabeled_source='svhn_cropped:extra')
+  pools = {'labeled': np.arange(4), 'validation': np.arange(4, 6), 'unlabeled': np.arange(6, 12)}
   with tfds.testing.mock_data(num_examples=12):
-    data = _load(source='tfds', name='cifar10', unlabeled_source='svhn_cropped:extra')
+    data = data_sources.load_in_memory(config, stored_size=16)
+    examples = data_sources.open_examples(config, 16, lambda labels: dict(pools))
   assert data.train.images.shape == (12, 16, 16, 3) and len(data.test) == 12
-  assert data.extra_unlabeled.images.shape == (12, 16, 16, 3)
-  assert (data.extra_unlabeled.labels == -1).all()
+  assert examples.size('unlabeled') == 6 + 12   # the extra pool joins the unlabeled one
+  assert examples.train_images.shape == (12, 16, 16, 3)   # channel statistics: the training split's own images
+  images, labels, ids = next(examples.train_batches('unlabeled', start_step=0, rows_per_step=18, rows=(0, 18), key=0))
+  assert images.shape == (18, 16, 16, 3) and sorted(labels.tolist()).count(-1) == 12
+  assert sorted(ids.tolist()) == list(range(6, 24))   # the extra pool's ids follow the training split's
   assert data_sources.parse_unlabeled_source('jft') == ('jft', 'train')
 
 
@@ -173,7 +179,7 @@ def test_digits_source_is_scikit_learns_digits_with_a_fixed_test_split():
   digits = datasets.load_digits()
   data = data_sources.load_in_memory(_dataset_config(source='digits', num_classes=10), stored_size=8)
   assert data.train.images.shape == (1297, 8, 8, 3) and data.test.images.shape == (500, 8, 8, 3)
-  assert data.train.images.dtype == np.uint8 and data.extra_unlabeled is None
+  assert data.train.images.dtype == np.uint8
   np.testing.assert_array_equal(np.concatenate([data.train.labels, data.test.labels]), digits.target)
   # Grey level g of 0..16 becomes round(255 g / 16), the same in the three channels; the test split is the last 500.
   np.testing.assert_array_equal(data.test.images[-1, ..., 1], np.round(digits.images[-1] * 255 / 16))

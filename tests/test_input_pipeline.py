@@ -1,5 +1,6 @@
 """input_pipeline.py: splits, batch contents, bitwise resume, multi-host slices, every source through create()."""
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -11,7 +12,7 @@ from meta_pseudo_labels.errors import ConfigError, DataError
 from mock_tfds_main import mock_as_dataset  # pylint: disable=g-bad-import-order
 from test_data_sources import write_image_folder  # pylint: disable=g-bad-import-order
 
-MPL_KEYS = ('labeled_image', 'labeled_label', 'unlabeled_weak', 'unlabeled_strong')
+HOST_KEYS = ('labeled_image', 'labeled_label', 'unlabeled_image')
 
 
 def _config(**dataset):
@@ -20,6 +21,17 @@ def _config(**dataset):
   config.finetune.batch_size = 6
   config.dataset.update(dict(num_labeled=20, num_validation=10, cutout_size=8), **dataset)
   return config
+
+
+def _create(config, **hosts):
+  return input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
+                               **hosts)
+
+
+def _model_batch(pipeline, batch, step=0):
+  """The model's batch of a host batch, as the jitted step makes it (views on the device)."""
+  make = jax.jit(lambda b, k: input_pipeline.model_batch(pipeline.views, b, k))
+  return jax.tree.map(np.asarray, make(batch, input_pipeline.step_views_key(jax.random.key(0), step)))
 
 
 def _take(iterator, n):
@@ -91,13 +103,13 @@ def test_splits_disjoint_balanced_and_epochs_are_permutations(tmp_path):
   arrays = _identifiable_npz(path)
   config = _config(source='npz', data_dir=path, num_classes=4, num_labeled=20, num_validation=30)
   config.batch_size, config.uda_ratio = 5, 3  # 20 labeled = 4 steps, 150 unlabeled = 10 steps
-  pipeline = input_pipeline.create(config)
+  pipeline = _create(config)
   assert pipeline.input_shape == (3,) and pipeline.num_classes == 4
   assert pipeline.split_sizes == {'train_labeled': 20, 'validation': 30, 'unlabeled': 150, 'test': 13}
   labeled = _ids(pipeline.eval_batches('train_labeled'))
   validation = _ids(pipeline.eval_batches('validation'))
   test = _ids(pipeline.eval_batches('test'))
-  batches = _take(pipeline.mpl_batches(0), 20)
+  batches = [_model_batch(pipeline, b) for b in _take(pipeline.mpl_batches(0), 20)]
   for batch in batches:  # vectors: no augmentation, both views are the inputs, labels are the inputs' labels
     np.testing.assert_array_equal(batch['unlabeled_weak'], batch['unlabeled_strong'])
     np.testing.assert_array_equal(batch['labeled_label'], batch['labeled_image'][:, 1].astype(int))
@@ -118,7 +130,7 @@ def test_splits_disjoint_balanced_and_epochs_are_permutations(tmp_path):
 
 def test_eval_batches_pad_the_last_batch():
   config = _config(source='two_moons', num_classes=2, num_labeled=6, num_validation=10)
-  pipeline = input_pipeline.create(config)
+  pipeline = _create(config)
   batches = list(pipeline.eval_batches('validation'))
   assert [len(b['mask']) for b in batches] == [8, 8]
   assert batches[1]['mask'].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
@@ -131,7 +143,7 @@ def test_eval_batches_pad_the_last_batch():
 def test_empty_unlabeled_pool_is_an_error(tmp_path):
   path = str(tmp_path / 'ids.npz')
   _identifiable_npz(path, num_train=40)
-  pipeline = input_pipeline.create(_config(source='npz', data_dir=path, num_classes=4, num_labeled=8,
+  pipeline = _create(_config(source='npz', data_dir=path, num_classes=4, num_labeled=8,
                                            num_validation=32))
   with pytest.raises(DataError) as info:
     pipeline.mpl_batches(0)
@@ -141,7 +153,11 @@ def test_empty_unlabeled_pool_is_an_error(tmp_path):
 
 # ---- images: resume, hosts, streaming ---------------------------------------------------------------------------
 
-def _check_image_batch(batch, batch_size, uda_ratio, size=32):
+def _check_image_batch(pipeline, host_batch, batch_size, uda_ratio, size=32):
+  stored = host_batch['labeled_image'].shape[1]
+  assert host_batch['labeled_image'].dtype == host_batch['unlabeled_image'].dtype == np.uint8
+  assert host_batch['unlabeled_image'].shape == (uda_ratio * batch_size, stored, stored, 3)
+  batch = _model_batch(pipeline, host_batch)
   assert batch['labeled_image'].shape == (batch_size, size, size, 3)
   assert batch['unlabeled_weak'].shape == batch['unlabeled_strong'].shape == (uda_ratio * batch_size, size, size, 3)
   assert all(batch[k].dtype == np.float32 for k in ('labeled_image', 'unlabeled_weak', 'unlabeled_strong'))
@@ -151,21 +167,21 @@ def _check_image_batch(batch, batch_size, uda_ratio, size=32):
 
 
 def _check_resume_and_hosts(config, host_counts=(2, 4), host_steps=(0, 3)):
-  pipeline = input_pipeline.create(config)
+  pipeline = _create(config)
   run = _take(pipeline.mpl_batches(0), 6)  # 12 unlabeled per step over a pool of 30: crosses epochs
-  _check_image_batch(run[0], config.batch_size, config.uda_ratio, config.dataset.image_size)
+  _check_image_batch(pipeline, run[0], config.batch_size, config.uda_ratio, config.dataset.image_size)
   for step in (1, 5):
     _assert_batches_equal(next(pipeline.mpl_batches(step)), run[step])
-  fresh = input_pipeline.create(config)  # a restarted process
+  fresh = _create(config)  # a restarted process
   _assert_batches_equal(next(fresh.mpl_batches(4)), run[4])
   finetune = _take(pipeline.labeled_batches(0, 6), 5)
   _assert_batches_equal(next(pipeline.labeled_batches(4, 6)), finetune[4])
   evaluation = list(pipeline.eval_batches('test'))
   for count in host_counts:
-    hosts = [input_pipeline.create(config, process_index=i, process_count=count) for i in range(count)]
+    hosts = [_create(config, process_index=i, process_count=count) for i in range(count)]
     for step in host_steps:
       slices = [next(host.mpl_batches(step)) for host in hosts]
-      _assert_batches_equal({k: np.concatenate([s[k] for s in slices]) for k in MPL_KEYS}, run[step])
+      _assert_batches_equal({k: np.concatenate([s[k] for s in slices]) for k in HOST_KEYS}, run[step])
     host_eval = [list(host.eval_batches('test')) for host in hosts]
     for i, batch in enumerate(evaluation):
       _assert_batches_equal({k: np.concatenate([h[i][k] for h in host_eval]) for k in batch}, batch)
@@ -192,11 +208,11 @@ def test_indivisible_batch_names_the_field():
   config = _config(source='two_moons', num_classes=2, num_labeled=6)
   config.batch_size = 6
   with pytest.raises(ConfigError) as info:
-    input_pipeline.create(config, process_index=0, process_count=4)
+    _create(config, process_index=0, process_count=4)
   _one_line(info, 'batch_size=6')
   config.batch_size, config.eval_batch_size = 8, 10
   with pytest.raises(ConfigError) as info:
-    input_pipeline.create(config, process_index=0, process_count=4)
+    _create(config, process_index=0, process_count=4)
   _one_line(info, 'eval_batch_size=10')
 
 
@@ -207,9 +223,8 @@ def test_imagenet_preprocessing(in_memory):
   config = _config(name='imagenet2012', num_classes=10, num_labeled=10, num_validation=0, augment='imagenet',
                    image_size=24, in_memory=in_memory, shuffle_buffer=16)
   with tfds.testing.mock_data(as_dataset_fn=mock_as_dataset(40, image_size=40, max_classes=10)):
-    pipeline = input_pipeline.create(config)
-    batch = next(pipeline.mpl_batches(0))
-    _check_image_batch(batch, 4, 2, size=24)
+    pipeline = _create(config)
+    _check_image_batch(pipeline, next(pipeline.mpl_batches(0)), 4, 2, size=24)
     evaluation = next(pipeline.eval_batches('test'))
   assert evaluation['image'].shape == (8, 24, 24, 3)
 
@@ -217,18 +232,18 @@ def test_imagenet_preprocessing(in_memory):
 def test_svhn_and_unlabeled_source_extend_the_pool():
   config = _config(name='svhn_cropped', unlabeled_source='svhn_cropped:extra')
   with tfds.testing.mock_data(num_examples=40):
-    pipeline = input_pipeline.create(config)
+    pipeline = _create(config)
     assert pipeline.split_sizes['unlabeled'] == 10 + 40
-    _check_image_batch(next(pipeline.mpl_batches(0)), 4, 2)
+    _check_image_batch(pipeline, next(pipeline.mpl_batches(0)), 4, 2)
 
 
 def test_folder_source_through_create(tmp_path):
   write_image_folder(str(tmp_path), per_class=8, size=20)
   config = _config(source='folder', data_dir=str(tmp_path), num_classes=3, num_labeled=6, num_validation=3,
                    image_size=16)
-  pipeline = input_pipeline.create(config)
+  pipeline = _create(config)
   assert pipeline.split_sizes == {'train_labeled': 6, 'validation': 3, 'unlabeled': 15, 'test': 24}
-  _check_image_batch(next(pipeline.mpl_batches(0)), 4, 2, size=16)
+  _check_image_batch(pipeline, next(pipeline.mpl_batches(0)), 4, 2, size=16)
   labels = np.concatenate([b['labeled_label'] for b in _take(pipeline.labeled_batches(0, 6), 1)])
   assert sorted(labels) == [0, 0, 1, 1, 2, 2]
 
@@ -243,19 +258,19 @@ def test_folder_source_with_a_tfds_unlabeled_pool(tmp_path, monkeypatch):
   config = _config(source='folder', data_dir=str(tmp_path), num_classes=3, num_labeled=6, num_validation=3,
                    image_size=16, unlabeled_source='svhn_cropped:extra')
   with tfds.testing.mock_data(num_examples=10):
-    pipeline = input_pipeline.create(config)
+    pipeline = _create(config)
     batch = next(pipeline.mpl_batches(0))
-  assert batch['unlabeled_strong'].shape == (8, 16, 16, 3)
+  assert batch['unlabeled_image'].shape == (8, 16, 16, 3)
   assert opened == [('svhn_cropped', '')]
   assert pipeline.split_sizes['unlabeled'] == 15 + 10
 
 
 def test_digits_source_through_create():
   config = _config(source='digits', num_classes=10, image_size=8, augment='digits', pad_crop=1, cutout_size=3)
-  pipeline = input_pipeline.create(config)
+  pipeline = _create(config)
   assert pipeline.split_sizes == {'train_labeled': 20, 'validation': 10, 'unlabeled': 1267, 'test': 500}
   assert pipeline.input_shape == (8, 8, 3)
-  batch = next(pipeline.mpl_batches())
+  batch = _model_batch(pipeline, next(pipeline.mpl_batches()))
   assert batch['labeled_image'].shape == (4, 8, 8, 3) and batch['unlabeled_strong'].shape == (8, 8, 8, 3)
   assert batch['labeled_image'].dtype == np.float32
   assert sum(len(b['label']) for b in pipeline.eval_batches('test')) == 504   # 63 batches of 8, the last padded

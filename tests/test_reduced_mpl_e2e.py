@@ -30,6 +30,11 @@ NUM_CLASSES = 3
 CHUNK = 64
 
 
+
+def _create(config, **hosts):
+  return input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
+                               **hosts)
+
 def _blobs(path, n=400, dim=6):
   rng = np.random.default_rng(0)
   labels = np.arange(n) % NUM_CLASSES
@@ -133,14 +138,14 @@ def test_the_join_is_the_same_in_a_resumed_run(teacher, tmp_path):
   data, reference = teacher
   _precompute(data, reference, tmp_path / 'targets')
   config = _config(data, **{'mpl.teacher': 'reduced', 'reduced.targets_dir': str(tmp_path / 'targets')})
-  pipeline = input_pipeline.create(config)
+  pipeline = _create(config)
   targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
                                  num_classes=NUM_CLASSES, top_k=2)
   whole = teacher_targets.joined_batches(pipeline.mpl_batches(0, with_unlabeled_index=True), targets)
   third = [next(whole) for _ in range(3)][2]
   resumed = next(teacher_targets.joined_batches(pipeline.mpl_batches(2, with_unlabeled_index=True), targets))
-  assert set(resumed) == {'labeled_image', 'labeled_label', 'unlabeled_strong', 'unlabeled_targets'}
-  for key in ('labeled_image', 'unlabeled_strong'):
+  assert set(resumed) == {'labeled_image', 'labeled_label', 'unlabeled_image', 'unlabeled_targets'}
+  for key in ('labeled_image', 'unlabeled_image'):
     np.testing.assert_array_equal(resumed[key], third[key])
   for key, value in third['unlabeled_targets'].items():
     np.testing.assert_array_equal(resumed['unlabeled_targets'][key], value)
@@ -161,7 +166,7 @@ def test_targets_and_teachers_that_do_not_fit_are_one_line_errors(teacher, tmp_p
   data, reference = teacher
   targets_dir = tmp_path / 'targets'
   _precompute(data, reference, targets_dir)
-  pool_ids = input_pipeline.create(_config(data)).unlabeled_ids()
+  pool_ids = _create(_config(data)).unlabeled_ids()
   load = lambda directory=targets_dir, ids=pool_ids, num_classes=NUM_CLASSES: teacher_targets.load(
       directory, pool_ids=ids, num_classes=num_classes, top_k=2)
   with pytest.raises(errors.DataError) as missing:
@@ -200,7 +205,7 @@ def test_stored_targets_are_the_teachers_on_the_example_with_that_id(teacher, tm
   """An id is the example's index in the training split: T on x_train[id] gives the targets stored under id."""
   data, reference = teacher
   _precompute(data, reference, tmp_path / 'targets')
-  pool_ids = input_pipeline.create(_config(data)).unlabeled_ids()
+  pool_ids = _create(_config(data)).unlabeled_ids()
   targets = teacher_targets.load(tmp_path / 'targets', pool_ids=pool_ids, num_classes=NUM_CLASSES, top_k=2)
   network = trained_models.load(reference)
   with np.load(data) as npz:
@@ -220,12 +225,12 @@ def test_unlabeled_ids_in_memory_and_streaming_with_an_extra_pool(in_memory):
   config.dataset.update(dict(num_labeled=20, num_validation=10, cutout_size=8, in_memory=in_memory,
                              shuffle_buffer=16, unlabeled_source='svhn_cropped:extra'))
   with tfds.testing.mock_data(num_examples=60):
-    pipeline = input_pipeline.create(config)
+    pipeline = _create(config)
     ids = pipeline.unlabeled_ids()
     assert len(ids) == 30 + 60 and np.all(np.diff(ids) > 0) and ids[-1] == 60 + 59
     passed = [batch['index'][batch['mask'] > 0] for batch in pipeline.unlabeled_eval_batches(16)]
     np.testing.assert_array_equal(np.concatenate(passed), ids)
-    hosts = [input_pipeline.create(config, process_index=i, process_count=2) for i in range(2)]
+    hosts = [_create(config, process_index=i, process_count=2) for i in range(2)]
     first = next(hosts[0].unlabeled_eval_batches(16))
     assert first['index'].tolist() == ids[:8].tolist()   # host 0: rows 0..7 of the first batch of 16
     batch = next(pipeline.mpl_batches(3, with_unlabeled_index=True))

@@ -1,4 +1,4 @@
-"""Per-example image augmentations, all stateless: the output is a pure function of (image, seed).
+"""Per-example image views as JAX functions of (uint8 image [H, W, 3], key): jitted, vmapped, run on the device.
 
 Views used by Meta Pseudo Labels (paper, Sec. 4 and App. C; UDA, Xie et al. 2020):
 - weak (labeled batch and the teacher's x_w): random horizontal flip + pad-and-crop (pad 4, reflect);
@@ -9,8 +9,10 @@ Views used by Meta Pseudo Labels (paper, Sec. 4 and App. C; UDA, Xie et al. 2020
   to DIGITS_MAX_ROTATION degrees and shear of up to DIGITS_MAX_SHEAR about the centre, then a Cutout square, both
   filled with the background (a digit stays a digit under small rotations, slants and missing stroke pieces; the
   colour ops of RandAugment mean little on 17 grey levels and Invert/Solarize turn strokes into background);
-- ImageNet: Inception-style random resized crop (area 0.08..1, aspect 3/4..4/3) + flip for training (strong adds
-  RandAugment), resize + central crop of 87.5% for evaluation.
+- ImageNet: the image is stored (or streamed) at `stored_size(image_size)` = image_size / 0.875 (shorter side
+  resized, central square); training takes an Inception-style random resized crop of it (area 0.08..1, aspect
+  3/4..4/3, Szegedy et al. 2015) resized to image_size, and a flip (strong adds RandAugment); evaluation takes the
+  central image_size square (the usual 87.5% centre crop). Every shape is static, so all of it runs under jit.
 
 RandAugment (Cubuk et al. 2019) follows the policy of the authors' release: the op list
 AutoContrast, Equalize, Invert, Rotate, Posterize, Solarize, Color, Contrast, Brightness, Sharpness, ShearX, ShearY,
@@ -18,16 +20,21 @@ TranslateX, TranslateY, Cutout (no explicit Identity: every chosen op is applied
 p ~ U(0.2, 0.8), so "identity" happens with probability 1 - p), a fixed magnitude M on the 0..10 level scale of the
 RandAugment/AutoAugment code, extrapolated linearly past 10. The paper's M = 16 (CIFAR) and 17 (ImageNet) therefore
 mean e.g. rotations of 48 / 51 degrees and enhancement factors near 3; at these levels Solarize's threshold is above
-255 and it leaves the image unchanged, as in the release. Ops use PIL semantics on uint8 images; geometric ops fill
-with grey (128).
+255 and it leaves the image unchanged, as in the release. Every op has PIL's semantics on uint8 images (the release
+applies PIL): ImageEnhance blends truncate, the greyscale is PIL's integer "L" conversion, the affine ops sample the
+nearest input pixel at PIL's pixel centres and fill with grey (128). tests/test_augment.py measures each op against
+PIL.
 
-Every random choice comes from `tf.random.stateless_*` with seeds split from the one `seed` argument (shape [2],
-int32/int64), so a batch can be rebuilt bitwise from (config seed, example position) after a restart.
+Randomness: every view takes one `jax.random` key; `input_pipeline` derives it per example by `fold_in` of the
+step's key with the example's row, so a resumed run makes exactly the same views.
 """
 
+import functools
 import math
 
-import tensorflow as tf
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 FILL_VALUE = 128
 DIGITS_MAX_ROTATION = 15.0   # degrees
@@ -37,39 +44,47 @@ _MAX_LEVEL = 10.0
 CENTER_CROP_FRACTION = 0.875  # ImageNet evaluation: 224 of 256
 
 
-def _split(seed, num):
-  return tf.unstack(tf.random.experimental.stateless_split(seed, num=num))
+def stored_size(kind, image_size):
+  """The side images are stored at: the model's size, or for ImageNet-style crops the size before the 87.5% crop."""
+  return round(image_size / CENTER_CROP_FRACTION) if kind == 'imagenet' else image_size
 
 
-def _uniform(seed, minval=0.0, maxval=1.0):
-  return tf.random.stateless_uniform([], seed, minval=minval, maxval=maxval, dtype=tf.float32)
+def _truncate_to_uint8(values):
+  """PIL's float -> uint8: clipped to [0, 255], then truncated."""
+  return jnp.floor(jnp.clip(values, 0.0, 255.0)).astype(jnp.uint8)
 
 
-def _to_uint8(image):
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+# ---- geometric ops (PIL Image.transform(AFFINE, NEAREST) semantics) -------------------------------------------
+
+def affine(image, matrix, fill_value=FILL_VALUE):
+  """Output pixel (x, y) takes input pixel floor(M @ (x + 1/2, y + 1/2, 1)), `fill_value` outside the image: PIL's
+  `Image.transform(size, Image.AFFINE, matrix, Image.NEAREST, fillcolor=fill)`. `matrix`: (a, b, c, d, e, f)."""
+  image = jnp.asarray(image)
+  height, width = image.shape[:2]
+  a, b, c, d, e, f = (jnp.asarray(v, jnp.float32) for v in matrix)
+  ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5, jnp.arange(width, dtype=jnp.float32) + 0.5,
+                        indexing='ij')
+  x_in = jnp.floor(a * xs + b * ys + c).astype(jnp.int32)
+  y_in = jnp.floor(d * xs + e * ys + f).astype(jnp.int32)
+  inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
+  pixels = image[jnp.clip(y_in, 0, height - 1), jnp.clip(x_in, 0, width - 1)]
+  return jnp.where(inside[:, :, None], pixels, jnp.asarray(fill_value, image.dtype))
 
 
-# ---- geometric ops --------------------------------------------------------------------------------------------
-
-def _projective(image, transform, fill_value=FILL_VALUE):
-  """Warps `image` by an 8-parameter transform mapping output (x, y) to input coordinates; `fill_value` outside."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  warped = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
-      output_shape=tf.stack([height, width]), fill_value=float(fill_value), interpolation='NEAREST',
-      fill_mode='CONSTANT')
-  return warped[0]
+def _rotation_matrix(height, width, degrees, shear=0.0):
+  """The affine matrix of PIL's `rotate(degrees)` (counter-clockwise about the centre (W/2, H/2)) after an x-shear
+  of `shear` about the centre."""
+  radians = -jnp.asarray(degrees, jnp.float32) * (math.pi / 180.0)
+  cos, sin = jnp.cos(radians), jnp.sin(radians)
+  # output -> input: rotation (PIL's matrix), then the shear x_in = x + shear * y, both about the centre.
+  a, b, d, e = cos, sin + shear * cos, -sin, cos - shear * sin
+  cx, cy = width / 2.0, height / 2.0
+  return (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
 
 
 def rotate_and_shear(image, degrees, shear, fill_value=FILL_VALUE):
-  """Rotation by `degrees` after an x-shear of `shear`, both about the image centre."""
-  radians = degrees * (math.pi / 180.0)
-  cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1.0) / 2.0
-  cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1.0) / 2.0
-  cos, sin = tf.cos(radians), tf.sin(radians)
-  a, b, c, d = cos, cos * shear - sin, sin, sin * shear + cos   # output -> input: rotation @ shear
-  return _projective(image, tf.stack([a, b, cx - a * cx - b * cy, c, d, cy - c * cx - d * cy, 0.0, 0.0]),
-                     fill_value)
+  """PIL's `rotate(degrees)` after an x-shear of `shear`, both about the image centre."""
+  return affine(image, _rotation_matrix(*image.shape[:2], degrees, shear), fill_value)
 
 
 def rotate(image, degrees):
@@ -77,91 +92,138 @@ def rotate(image, degrees):
 
 
 def shear_x(image, level):
-  return _projective(image, tf.stack([1.0, level, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+  return affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
 
 
 def shear_y(image, level):
-  return _projective(image, tf.stack([1.0, 0.0, 0.0, level, 1.0, 0.0, 0.0, 0.0]))
+  return affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
 
 
 def translate_x(image, pixels):
-  return _projective(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0]))
+  return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
 
 
 def translate_y(image, pixels):
-  return _projective(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0]))
+  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
 
 
-def cutout(image, size, seed, fill_value=FILL_VALUE):
+def cutout(image, size, key, fill_value=FILL_VALUE):
   """Fills a size x size square (clipped at the border) centred uniformly in the image (DeVries 2017)."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  seed_y, seed_x = _split(seed, 2)
-  cy = tf.random.stateless_uniform([], seed_y, minval=0, maxval=height, dtype=tf.int32)
-  cx = tf.random.stateless_uniform([], seed_x, minval=0, maxval=width, dtype=tf.int32)
+  height, width = image.shape[:2]
+  key_y, key_x = jax.random.split(key)
+  cy = jax.random.randint(key_y, [], 0, height)
+  cx = jax.random.randint(key_x, [], 0, width)
   half = size // 2
-  rows = tf.range(height)[:, None]
-  cols = tf.range(width)[None, :]
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
   inside = (rows >= cy - half) & (rows < cy - half + size) & (cols >= cx - half) & (cols < cx - half + size)
-  return tf.where(inside[:, :, None], tf.constant(fill_value, image.dtype), image)
+  return jnp.where(inside[:, :, None], jnp.asarray(fill_value, image.dtype), image)
 
 
 # ---- colour ops (PIL semantics) -------------------------------------------------------------------------------
 
 def _blend(degenerate, image, factor):
-  """PIL ImageEnhance: degenerate + factor * (image - degenerate), clipped to uint8."""
-  degenerate = tf.cast(degenerate, tf.float32)
-  return _to_uint8(degenerate + factor * (tf.cast(image, tf.float32) - degenerate))
+  """PIL `Image.blend(degenerate, image, factor)` (ImageEnhance): degenerate + factor * (image - degenerate)."""
+  degenerate = degenerate.astype(jnp.float32)
+  return _truncate_to_uint8(degenerate + jnp.float32(factor) * (image.astype(jnp.float32) - degenerate))
 
 
-def _grayscale(image):
-  return tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))
+def _grey(image):
+  """PIL's RGB -> "L": (19595 R + 38470 G + 7471 B + 2^15) >> 16, in integers."""
+  rgb = image.astype(jnp.int32)
+  return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+
+
+def _color_degenerate(image):
+  return jnp.repeat(_grey(image)[:, :, None], 3, axis=-1)
+
+
+def _contrast_degenerate(image):
+  """The mean grey level, rounded (PIL: int(mean + 0.5))."""
+  return jnp.full(image.shape, jnp.floor(jnp.mean(_grey(image).astype(jnp.float32)) + 0.5))
+
+
+def _sharpness_degenerate(image):
+  """PIL's SMOOTH filter (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13, rounded; the border keeps its pixels)."""
+  height, width = image.shape[:2]
+  values = jnp.asarray(image, jnp.float32)
+  total = sum(values[dy:height - 2 + dy, dx:width - 2 + dx] for dy in range(3) for dx in range(3))
+  smooth = (total + 4.0 * values[1:-1, 1:-1]) / 13.0
+  return values.at[1:-1, 1:-1].set(jnp.floor(jnp.clip(smooth + 0.5, 0.0, 255.0)))
 
 
 def color(image, factor):
-  return _blend(tf.image.grayscale_to_rgb(_grayscale(image)), image, factor)
+  return _blend(_color_degenerate(image), image, factor)
 
 
 def contrast(image, factor):
-  return _blend(tf.fill(tf.shape(image), tf.reduce_mean(_grayscale(image))), image, factor)
+  return _blend(_contrast_degenerate(image), image, factor)
 
 
 def brightness(image, factor):
-  return _blend(tf.zeros_like(image), image, factor)
+  return _blend(jnp.zeros(image.shape), image, factor)
 
 
 def sharpness(image, factor):
-  """Blends with PIL's SMOOTH-filtered image (borders keep the original pixels)."""
-  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1], 'VALID')[0]
-  smooth = tf.cast(_to_uint8(smooth), tf.float32)
-  interior = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(interior > 0, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), tf.cast(image, tf.float32))
-  return _blend(degenerate, image, factor)
+  return _blend(_sharpness_degenerate(image), image, factor)
+
+
+def _histograms(image):
+  """Per-channel histograms [C, 256] of a uint8 image [H, W, C]."""
+  values = image.reshape(-1, image.shape[-1]).astype(jnp.int32).T
+  return jax.vmap(lambda v: jnp.zeros([256], jnp.int32).at[v].add(1))(values)
+
+
+def _apply_luts(image, luts):
+  """Channel c of `image` through the lookup table luts[c] ([C, 256]), as PIL's `point` does per band."""
+  return jnp.take_along_axis(luts, image.reshape(-1, image.shape[-1]).astype(jnp.int32).T, axis=1).T.reshape(
+      image.shape).astype(jnp.uint8)
+
+
+@functools.cache
+def _pil_autocontrast_shortfalls():
+  """Sorted keys lo * 2^16 + hi * 2^8 + level of the stretches where PIL's autocontrast gives one less than the
+  exact floor((level - lo) * 255 / (hi - lo)): it computes int(level * scale - lo * scale) in double precision,
+  scale = 255 / (hi - lo), which lands just below some exact integers (12094 of the 256^3 / 6 cases)."""
+  keys = []
+  for span in range(1, 256):   # hi - lo
+    lo, offset = np.meshgrid(np.arange(256 - span), np.arange(span + 1), indexing='ij')
+    level, scale = lo + offset, 255.0 / span
+    short = (level * scale + (-lo * scale)).astype(np.int64) != offset * 255 // span
+    keys.append(lo[short] * 65536 + (lo[short] + span) * 256 + level[short])
+  return np.sort(np.concatenate(keys)).astype(np.int32)
+
+
+def _autocontrast_lut(histogram):
+  """PIL ImageOps.autocontrast's table for one channel: stretched to [0, 255] (truncated); constant: unchanged."""
+  shortfalls = jnp.asarray(_pil_autocontrast_shortfalls())
+  levels = jnp.arange(256)
+  present = histogram > 0
+  lo = jnp.min(jnp.where(present, levels, 255))
+  hi = jnp.max(jnp.where(present, levels, 0))
+  stretched = jnp.clip((levels - lo) * 255 // jnp.maximum(hi - lo, 1), 0, 255)
+  keys = lo * 65536 + hi * 256 + levels
+  found = shortfalls[jnp.clip(jnp.searchsorted(shortfalls, keys), 0, len(shortfalls) - 1)] == keys
+  return jnp.where(hi > lo, stretched - found, levels)
+
+
+def _equalize_lut(histogram):
+  """PIL ImageOps.equalize's table for one channel, from its cumulative histogram."""
+  levels = jnp.arange(256)
+  last_nonzero = histogram[jnp.max(jnp.where(histogram > 0, levels, 0))]
+  step = (jnp.sum(histogram) - last_nonzero) // 255
+  safe_step = jnp.maximum(step, 1)
+  before = jnp.cumsum(histogram) - histogram
+  table = jnp.clip((before + safe_step // 2) // safe_step, 0, 255)
+  return jnp.where(step > 0, table, levels)
 
 
 def autocontrast(image):
-  """Stretches each channel linearly to [0, 255]; constant channels are left alone."""
-  image_f = tf.cast(image, tf.float32)
-  lo = tf.reduce_min(image_f, axis=[0, 1], keepdims=True)
-  hi = tf.reduce_max(image_f, axis=[0, 1], keepdims=True)
-  scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
-  offset = tf.where(hi > lo, lo, 0.0)
-  return _to_uint8((image_f - offset) * scale)
+  return _apply_luts(image, jax.vmap(_autocontrast_lut)(_histograms(image)))
 
 
 def equalize(image):
-  """PIL ImageOps.equalize per channel: a lookup table from the cumulative histogram."""
-  def channel(values):
-    values = tf.cast(values, tf.int32)
-    histogram = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-    last_nonzero = tf.gather(histogram, tf.reduce_max(tf.where(histogram > 0)))
-    step = (tf.reduce_sum(histogram) - last_nonzero) // 255
-    safe_step = tf.maximum(step, 1)
-    lut = (tf.cumsum(histogram) + safe_step // 2) // safe_step
-    lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-    return tf.where(step > 0, tf.gather(lut, values), values)
-  return tf.cast(tf.stack([channel(image[:, :, c]) for c in range(3)], axis=-1), tf.uint8)
+  return _apply_luts(image, jax.vmap(_equalize_lut)(_histograms(image)))
 
 
 def invert(image):
@@ -169,12 +231,12 @@ def invert(image):
 
 
 def posterize(image, bits):
-  shift = tf.cast(8 - bits, tf.uint8)
-  return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
+  mask = jnp.uint8((0xFF << (8 - bits)) & 0xFF)
+  return image & mask
 
 
 def solarize(image, threshold):
-  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+  return jnp.where(image.astype(jnp.int32) < threshold, image, 255 - image)
 
 
 # ---- RandAugment ----------------------------------------------------------------------------------------------
@@ -183,130 +245,194 @@ RANDAUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 
                    'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout')
 
 
-def _op_branches(image, magnitude, sign, seed, translate_const, cutout_const):
-  """One zero-argument callable per RANDAUGMENT_OPS entry, its argument set by the level `magnitude`."""
+def op_branches(magnitude, translate_const, cutout_const):
+  """One `(image, sign, key) -> image` per RANDAUGMENT_OPS entry, its argument set by the level `magnitude` as in
+  the release (sign: the random direction of the geometric ops; key: Cutout's position): the ops one by one, the
+  definition that `randaugment`'s fused `_apply_op` computes (tests/test_augment.py checks they agree)."""
   level = magnitude / _MAX_LEVEL
   enhance = level * 1.8 + 0.1
   posterize_bits = min(8, max(1, int(level * 4)))
   cutout_size = 2 * int(level * cutout_const)
   ops = {
-      'AutoContrast': lambda: autocontrast(image),
-      'Equalize': lambda: equalize(image),
-      'Invert': lambda: invert(image),
-      'Rotate': lambda: rotate(image, sign * level * 30.0),
-      'Posterize': lambda: posterize(image, posterize_bits),
-      'Solarize': lambda: solarize(image, int(level * 256)),
-      'Color': lambda: color(image, enhance),
-      'Contrast': lambda: contrast(image, enhance),
-      'Brightness': lambda: brightness(image, enhance),
-      'Sharpness': lambda: sharpness(image, enhance),
-      'ShearX': lambda: shear_x(image, sign * level * 0.3),
-      'ShearY': lambda: shear_y(image, sign * level * 0.3),
-      'TranslateX': lambda: translate_x(image, sign * level * translate_const),
-      'TranslateY': lambda: translate_y(image, sign * level * translate_const),
-      'Cutout': lambda: cutout(image, cutout_size, seed),
+      'AutoContrast': lambda image, sign, key: autocontrast(image),
+      'Equalize': lambda image, sign, key: equalize(image),
+      'Invert': lambda image, sign, key: invert(image),
+      'Rotate': lambda image, sign, key: rotate(image, sign * level * 30.0),
+      'Posterize': lambda image, sign, key: posterize(image, posterize_bits),
+      'Solarize': lambda image, sign, key: solarize(image, int(level * 256)),
+      'Color': lambda image, sign, key: color(image, enhance),
+      'Contrast': lambda image, sign, key: contrast(image, enhance),
+      'Brightness': lambda image, sign, key: brightness(image, enhance),
+      'Sharpness': lambda image, sign, key: sharpness(image, enhance),
+      'ShearX': lambda image, sign, key: shear_x(image, sign * level * 0.3),
+      'ShearY': lambda image, sign, key: shear_y(image, sign * level * 0.3),
+      'TranslateX': lambda image, sign, key: translate_x(image, sign * level * translate_const),
+      'TranslateY': lambda image, sign, key: translate_y(image, sign * level * translate_const),
+      'Cutout': lambda image, sign, key: cutout(image, cutout_size, key),
   }
   return [ops[name] for name in RANDAUGMENT_OPS]
 
 
-def randaugment(image, seed, *, num_ops, magnitude, translate_const, cutout_const):
+def randaugment_choices(key, num_ops):
+  """The random choices of one image's RandAugment: op indices [num_ops], applied flags [num_ops] (each with
+  probability p ~ U(0.2, 0.8), one p per image), signs [num_ops] (+-1), one key per op."""
+  p_key, op_key, apply_key, sign_key, op_keys = jax.random.split(key, 5)
+  apply_prob = jax.random.uniform(p_key, [], minval=0.2, maxval=0.8)
+  op_indices = jax.random.randint(op_key, [num_ops], 0, len(RANDAUGMENT_OPS))
+  applied = jax.random.uniform(apply_key, [num_ops]) < apply_prob
+  signs = jnp.where(jax.random.uniform(sign_key, [num_ops]) < 0.5, -1.0, 1.0)
+  return op_indices, applied, signs, jax.random.split(op_keys, num_ops)
+
+
+def _apply_op(image, op_index, sign, key, *, magnitude, translate_const, cutout_const):
+  """RANDAUGMENT_OPS[op_index] of `image`, the same as `op_branches`'s, computed as one op of its family: a
+  per-channel lookup table (AutoContrast, Equalize, Invert, Posterize, Solarize), one affine warp (Rotate, ShearX/Y,
+  TranslateX/Y), one blend (Color, Contrast, Brightness, Sharpness) or Cutout. Under vmap a `lax.switch` computes
+  every branch for every image; this computes each family's one expensive pass (histogram, gather, filter) once."""
+  level = magnitude / _MAX_LEVEL
+  is_op = lambda *names: jnp.isin(op_index, jnp.asarray([RANDAUGMENT_OPS.index(name) for name in names]))
+  height, width = image.shape[:2]
+  # Lookup tables: the pointwise ops are their own tables applied to the 256 levels.
+  levels = jnp.arange(256, dtype=jnp.uint8)
+  histograms = _histograms(image)
+  luts = jnp.select(
+      [is_op('AutoContrast'), is_op('Equalize'), is_op('Invert'), is_op('Posterize')],
+      [jax.vmap(_autocontrast_lut)(histograms), jax.vmap(_equalize_lut)(histograms),
+       jnp.broadcast_to(invert(levels), (3, 256)).astype(jnp.int32),
+       jnp.broadcast_to(posterize(levels, min(8, max(1, int(level * 4)))), (3, 256)).astype(jnp.int32)],
+      jnp.broadcast_to(solarize(levels, int(level * 256)), (3, 256)).astype(jnp.int32))
+  # Affine warps: one matrix per op.
+  shear, shift = sign * level * 0.3, sign * level * translate_const
+  identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+  matrices = {'Rotate': _rotation_matrix(height, width, sign * level * 30.0),
+              'ShearX': (1.0, shear, 0.0, 0.0, 1.0, 0.0), 'ShearY': (1.0, 0.0, 0.0, shear, 1.0, 0.0),
+              'TranslateX': (1.0, 0.0, shift, 0.0, 1.0, 0.0), 'TranslateY': (1.0, 0.0, 0.0, 0.0, 1.0, shift)}
+  matrix = [jnp.select([is_op(name) for name in matrices], [jnp.asarray(m[i], jnp.float32) for m in matrices.values()],
+                       identity[i]) for i in range(6)]
+  # Blends: one degenerate image per op.
+  degenerate = jnp.select([is_op('Color'), is_op('Contrast'), is_op('Brightness')],
+                          [_color_degenerate(image).astype(jnp.float32), _contrast_degenerate(image),
+                           jnp.zeros(image.shape)], _sharpness_degenerate(image))
+  families = [is_op('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'Solarize'), is_op(*matrices),
+              is_op('Color', 'Contrast', 'Brightness', 'Sharpness')]
+  return jnp.select(families, [_apply_luts(image, luts), affine(image, matrix), _blend(degenerate, image,
+                                                                                        level * 1.8 + 0.1)],
+                    cutout(image, 2 * int(level * cutout_const), key))
+
+
+def randaugment(image, key, *, num_ops, magnitude, translate_const, cutout_const):
   """Applies `num_ops` ops drawn uniformly from RANDAUGMENT_OPS, each with probability p ~ U(0.2, 0.8)."""
-  static_shape = image.shape
-  seeds = _split(seed, num_ops + 1)
-  apply_prob = _uniform(seeds[0], 0.2, 0.8)
-  for layer_seed in seeds[1:]:
-    op_seed, apply_seed, sign_seed, op_random_seed = _split(layer_seed, 4)
-    op_index = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(RANDAUGMENT_OPS), dtype=tf.int32)
-    sign = tf.where(_uniform(sign_seed) < 0.5, -1.0, 1.0)
-    branches = _op_branches(image, float(magnitude), sign, op_random_seed, float(translate_const),
-                            float(cutout_const))
-    augmented = tf.switch_case(op_index, branches)
-    image = tf.where(_uniform(apply_seed) < apply_prob, augmented, image)
-    image.set_shape(static_shape)
+  op_indices, applied, signs, op_keys = randaugment_choices(key, num_ops)
+  for i in range(num_ops):
+    augmented = _apply_op(image, op_indices[i], signs[i], op_keys[i], magnitude=float(magnitude),
+                          translate_const=float(translate_const), cutout_const=float(cutout_const))
+    image = jnp.where(applied[i], augmented, image)
   return image
 
 
 # ---- views ----------------------------------------------------------------------------------------------------
 
-def flip_and_pad_crop(image, seed, pad):
+def _random_crop(image, key, size_hw):
+  """A size_hw crop at a uniform offset."""
+  height, width = image.shape[:2]
+  key_y, key_x = jax.random.split(key)
+  top = jax.random.randint(key_y, [], 0, height - size_hw[0] + 1)
+  left = jax.random.randint(key_x, [], 0, width - size_hw[1] + 1)
+  return jax.lax.dynamic_slice(image, (top, left, 0), (size_hw[0], size_hw[1], image.shape[2]))
+
+
+def random_flip(image, key):
+  return jnp.where(jax.random.bernoulli(key), image[:, ::-1], image)
+
+
+def flip_and_pad_crop(image, key, pad):
   """Random horizontal flip, then reflect-pad by `pad` and crop back to the original size at a random offset."""
-  flip_seed, crop_seed = _split(seed, 2)
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  flip_key, crop_key = jax.random.split(key)
+  image = random_flip(image, flip_key)
   if pad:
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode='REFLECT')
-    image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+    padded = jnp.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode='reflect')
+    image = _random_crop(padded, crop_key, image.shape[:2])
   return image
 
 
-def shift_over_background(image, seed, pad):
+def shift_over_background(image, key, pad):
   """A random shift of up to `pad` pixels each way, the uncovered border filled with the digits' background."""
   if not pad:
     return image
-  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], constant_values=DIGITS_BACKGROUND)
-  return tf.image.stateless_random_crop(padded, tf.shape(image), seed)
+  padded = jnp.pad(image, [[pad, pad], [pad, pad], [0, 0]], constant_values=DIGITS_BACKGROUND)
+  return _random_crop(padded, key, image.shape[:2])
 
 
-def inception_crop(image, seed, size):
-  """Random resized crop (Szegedy et al. 2015): area 8%..100%, aspect 3/4..4/3, resized to size x size."""
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-      min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, crop_size)
-  return _to_uint8(tf.image.resize(crop, [size, size], method='bicubic'))
+def inception_crop(image, key, size, *, attempts=10):
+  """Random resized crop (Szegedy et al. 2015): area 8%..100% of the image, aspect 3/4..4/3 (log-uniform), the
+  first of `attempts` draws that fits (else the central square), resized to size x size (bicubic, antialiased)."""
+  height, width = image.shape[:2]
+  area_key, aspect_key, y_key, x_key = jax.random.split(key, 4)
+  area = jax.random.uniform(area_key, [attempts], minval=0.08, maxval=1.0) * (height * width)
+  aspect = jnp.exp(jax.random.uniform(aspect_key, [attempts], minval=math.log(3 / 4), maxval=math.log(4 / 3)))
+  crop_w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  crop_h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (crop_w >= 1) & (crop_w <= width) & (crop_h >= 1) & (crop_h <= height)
+  first = jnp.argmax(fits)
+  side = min(height, width)
+  crop_h = jnp.where(fits[first], crop_h[first], side)
+  crop_w = jnp.where(fits[first], crop_w[first], side)
+  top = jnp.where(fits[first], jax.random.randint(y_key, [], 0, height - crop_h + 1), (height - side) // 2)
+  left = jnp.where(fits[first], jax.random.randint(x_key, [], 0, width - crop_w + 1), (width - side) // 2)
+  scale = jnp.stack([size / crop_h, size / crop_w]).astype(jnp.float32)
+  translation = -jnp.stack([top, left]).astype(jnp.float32) * scale
+  resized = jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, image.shape[2]), (0, 1), scale,
+                                          translation, method='cubic', antialias=True)
+  return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
 
 
-def center_crop(image, size, fraction=CENTER_CROP_FRACTION):
-  """Central square crop of `fraction` of the shorter side, resized to size x size (ImageNet evaluation)."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
-  top, left = (height - crop + 1) // 2, (width - crop + 1) // 2
-  return _to_uint8(tf.image.resize(image[top:top + crop, left:left + crop], [size, size], method='bicubic'))
+def center_crop(image, size):
+  """The central size x size square of an image [H, W, C] or a batch [..., H, W, C] (ImageNet evaluation: 224 of
+  the stored 256, the 87.5% crop)."""
+  height, width = image.shape[-3:-1]
+  top, left = (height - size) // 2, (width - size) // 2
+  return image[..., top:top + size, left:left + size, :]
 
 
-def resize_shorter_and_center_crop(image, size):
-  """Resizes the shorter side to `size` and crops the central size x size square (no zoom)."""
-  return center_crop(image, size, fraction=1.0)
-
-
-def weak_view(image, seed, *, kind, image_size, pad):
+def weak_view(image, key, *, kind, image_size, pad):
   """The weak view: flip + pad-crop ('cifar'), a shift ('digits'), inception crop + flip ('imagenet'), unchanged
   ('none')."""
   if kind == 'cifar':
-    return flip_and_pad_crop(image, seed, pad)
+    return flip_and_pad_crop(image, key, pad)
   if kind == 'digits':
-    return shift_over_background(image, seed, pad)
+    return shift_over_background(image, key, pad)
   if kind == 'imagenet':
-    crop_seed, flip_seed = _split(seed, 2)
-    return tf.image.stateless_random_flip_left_right(inception_crop(image, crop_seed, image_size), flip_seed)
+    crop_key, flip_key = jax.random.split(key)
+    return random_flip(inception_crop(image, crop_key, image_size), flip_key)
   return image
 
 
-def strong_view(image, seed, *, kind, image_size, pad, num_ops, magnitude, cutout_size):
+def strong_view(image, key, *, kind, image_size, pad, num_ops, magnitude, cutout_size):
   """The strong view x_s: the weak view, RandAugment, then (CIFAR) Cutout and a second flip + pad-crop; for
   'digits' the weak view, a rotation + shear and Cutout (module docstring)."""
-  weak_seed, ra_seed, cutout_seed, second_seed = _split(seed, 4)
   if kind == 'none':
     return image
-  image = weak_view(image, weak_seed, kind=kind, image_size=image_size, pad=pad)
+  weak_key, ra_key, cutout_key, second_key = jax.random.split(key, 4)
+  image = weak_view(image, weak_key, kind=kind, image_size=image_size, pad=pad)
   if kind == 'digits':
-    rotation_seed, shear_seed = _split(ra_seed, 2)
-    image = rotate_and_shear(image, _uniform(rotation_seed, -DIGITS_MAX_ROTATION, DIGITS_MAX_ROTATION),
-                             _uniform(shear_seed, -DIGITS_MAX_SHEAR, DIGITS_MAX_SHEAR), DIGITS_BACKGROUND)
-    return cutout(image, cutout_size, cutout_seed, DIGITS_BACKGROUND) if cutout_size else image
+    rotation_key, shear_key = jax.random.split(ra_key)
+    degrees = jax.random.uniform(rotation_key, [], minval=-DIGITS_MAX_ROTATION, maxval=DIGITS_MAX_ROTATION)
+    shear = jax.random.uniform(shear_key, [], minval=-DIGITS_MAX_SHEAR, maxval=DIGITS_MAX_SHEAR)
+    image = rotate_and_shear(image, degrees, shear, DIGITS_BACKGROUND)
+    return cutout(image, cutout_size, cutout_key, DIGITS_BACKGROUND) if cutout_size else image
   if kind == 'cifar':
-    image = randaugment(image, ra_seed, num_ops=num_ops, magnitude=magnitude, translate_const=image_size // 8,
+    image = randaugment(image, ra_key, num_ops=num_ops, magnitude=magnitude, translate_const=image_size // 8,
                         cutout_const=image_size // 8)
     if cutout_size:
-      image = cutout(image, cutout_size, cutout_seed)
-    return flip_and_pad_crop(image, second_seed, pad)
+      image = cutout(image, cutout_size, cutout_key)
+    return flip_and_pad_crop(image, second_key, pad)
   # ImageNet: the release's constants (translate 100 px, cutout 40 px at 224 px), scaled to the image size.
-  return randaugment(image, ra_seed, num_ops=num_ops, magnitude=magnitude,
+  return randaugment(image, ra_key, num_ops=num_ops, magnitude=magnitude,
                      translate_const=100 * image_size / 224, cutout_const=40 * image_size / 224)
 
 
 def eval_view(image, *, kind, image_size):
-  """No randomness: the stored image ('cifar', 'none') or the 87.5% central crop ('imagenet')."""
+  """No randomness: the stored image, or for 'imagenet' its central image_size square (an image or a batch)."""
   if kind == 'imagenet':
     return center_crop(image, image_size)
   return image

@@ -1,23 +1,28 @@
 """Where examples come from: TFDS, an image folder, a .npz file, MNIST-format idx files, scikit-learn's digits or the
 TwoMoon generator.
 
-Every source yields (image, label) pairs; `input_pipeline` does the splitting, batching and augmentation, so custom
-data goes through exactly the same pipeline as the paper's data sets, chosen by `config.dataset.source` alone.
+Every source yields (image, label) pairs; `input_pipeline` does the splitting, the views and batching, so custom data
+goes through exactly the same pipeline as the paper's data sets, chosen by `config.dataset.source` alone.
+`open_examples` is the one entry: it loads (or opens the stream of) the source, the optional extra unlabeled pool
+`dataset.unlabeled_source`, and returns `InMemoryExamples` or `StreamingExamples`, which hand the pipeline host-local
+numpy batches of stored-size uint8 images (or float vectors) by position.
 
-In-memory sources return `Arrays`: uint8 NHWC images (RGB, resized to one stored size) or float32 [N, D] vectors.
-The TFDS streaming mode returns `tf.data` record streams whose images are still encoded (decoded per example, after
-each host has kept only its share).
+In-memory sources are `Arrays`: uint8 NHWC images (RGB, resized to one stored size) or float32 [N, D] vectors; they
+need numpy and PIL only. TFDS (in memory or streamed) is the one source that needs TensorFlow and TFDS, imported
+when it is used: tf.data reads and decodes the records and resizes them to the stored size; every random view is
+made on the device (`augment.py`).
 """
 
 import dataclasses
+import functools
 import gzip
+import io
+import itertools
 import os
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from PIL import Image
 
-from meta_pseudo_labels.data import augment
 from meta_pseudo_labels.data import synthetic
 from meta_pseudo_labels.data.dataset_choices import SOURCES
 from meta_pseudo_labels.errors import ConfigError, DataError
@@ -32,6 +37,7 @@ _LOAD_BATCH = 1024
 # the training split, out of which the pipeline draws the labeled, validation and unlabeled pools.
 DIGITS_TEST_SIZE = 500
 DIGITS_MAX_LEVEL = 16
+POOLS = ('labeled', 'validation', 'unlabeled')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +54,10 @@ class Arrays:
 class InMemoryData:
   train: Arrays
   test: Arrays
-  extra_unlabeled: Arrays | None  # config.dataset.unlabeled_source, labels all -1
 
 
 def load_in_memory(dataset_config, stored_size):
-  """Loads train, test and the optional extra unlabeled pool; images are resized to stored_size x stored_size."""
+  """The source's train and test `Arrays`; images are resized to stored_size x stored_size."""
   source = dataset_config.source
   if source == 'tfds':
     builder = tfds_builder(dataset_config.name, dataset_config.data_dir)
@@ -76,16 +81,30 @@ def load_in_memory(dataset_config, stored_size):
     raise ConfigError(f"dataset.source: unknown source '{source}'; choose one of {list(SOURCES)}")
   check_labels(train.labels, dataset_config, dataset_config.train_split)
   check_labels(test.labels, dataset_config, dataset_config.test_split)
-  extra = None
-  if dataset_config.unlabeled_source:
-    name, split = parse_unlabeled_source(dataset_config.unlabeled_source)
-    # dataset.data_dir is TFDS's data_dir only for source 'tfds' (else it is the image folder or the .npz file);
-    # other sources read the extra pool from TFDS's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets).
-    tfds_data_dir = dataset_config.data_dir if source == 'tfds' else ''
-    builder = tfds_builder(name, tfds_data_dir)
-    images = _tfds_arrays(builder, split, tfds_data_dir, stored_size).images
-    extra = Arrays(images, np.full(len(images), -1, np.int32))
-  return InMemoryData(train, test, extra)
+  return InMemoryData(train, test)
+
+
+def open_examples(dataset_config, stored_size, split_pools):
+  """The source's examples for the pipeline: in memory (every source but TFDS with `dataset.in_memory=False`) or
+  streamed from TFDS; `split_pools(train_labels)` -> {'labeled', 'validation', 'unlabeled'} index arrays. The
+  extra unlabeled pool `dataset.unlabeled_source` (a TFDS 'name[:split]') joins the unlabeled pool here."""
+  extra_source = parse_unlabeled_source(dataset_config.unlabeled_source) if dataset_config.unlabeled_source else None
+  # dataset.data_dir is TFDS's data_dir only for source 'tfds' (else it is the image folder or the .npz file);
+  # other sources read the extra pool from TFDS's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  tfds_data_dir = dataset_config.data_dir if dataset_config.source == 'tfds' else ''
+  if dataset_config.source == 'tfds' and not dataset_config.in_memory:
+    return StreamingExamples.open(dataset_config, stored_size, split_pools, extra_source)
+  data = load_in_memory(dataset_config, stored_size)
+  train, test = data.train, data.test
+  pools = split_pools(train.labels)
+  own_train_size = len(train)
+  if extra_source is not None:
+    name, split = extra_source
+    images = _tfds_arrays(tfds_builder(name, tfds_data_dir), split, tfds_data_dir, stored_size).images
+    pools['unlabeled'] = np.concatenate([pools['unlabeled'], len(train) + np.arange(len(images))])
+    train = Arrays(np.concatenate([train.images, images]),
+                   np.concatenate([train.labels, np.full(len(images), -1, np.int32)]))
+  return InMemoryExamples(train, test, pools, own_train_size)
 
 
 def class_names(dataset_config):
@@ -130,7 +149,25 @@ def _describe(dataset_config):
 
 # ---- TFDS -----------------------------------------------------------------------------------------------------
 
+@functools.cache
+def _tensorflow():
+  """TensorFlow, imported by the TFDS source alone and kept on the CPU (it would otherwise reserve the GPU/TPU
+  memory that JAX needs); once, before TensorFlow initialises its devices."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only TFDS sources need TensorFlow
+  for device_type in ('GPU', 'TPU'):
+    if tf.config.list_physical_devices(device_type):
+      tf.config.set_visible_devices([], device_type)
+  return tf
+
+
+def _tfds():
+  _tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only TFDS sources need TFDS
+  return tfds
+
+
 def tfds_builder(name, data_dir):
+  tfds = _tfds()
   try:
     return tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
@@ -151,6 +188,7 @@ def tfds_records(builder, split, data_dir, *, decode_images):
 
   Never downloads: data that is not prepared raises DataError saying how to prepare it.
   """
+  tf, tfds = _tensorflow(), _tfds()
   decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
   try:
     dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
@@ -172,22 +210,27 @@ def tfds_labels(builder, split, data_dir):
   return np.concatenate([np.zeros([0], np.int32)] + list(labels.batch(65536).as_numpy_iterator()))
 
 
-def decode_image(encoded):
-  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
-def fit_image(image, stored_size):
-  """Resizes to stored_size x stored_size (shorter side, then central square) when the shape differs."""
+def _tf_fit_image(image, stored_size):
+  """The TFDS records' `fit_image` inside tf.data: shorter side to stored_size, central square (bicubic)."""
+  tf = _tensorflow()
   if image.shape[-1] == 1:
     image = tf.image.grayscale_to_rgb(image)
-  if image.shape[0] == stored_size and image.shape[1] == stored_size:
-    return image
-  return augment.resize_shorter_and_center_crop(image, stored_size)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  side = tf.minimum(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  square = tf.image.resize(image[top:top + side, left:left + side], [stored_size, stored_size], method='bicubic')
+  return tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
+
+
+def _tfds_fitted(records, stored_size, *, encoded):
+  """(image, label, ...) records -> (uint8 stored_size image, label, ...), decoding the image first if `encoded`."""
+  tf = _tensorflow()
+  decode = lambda image: tf.io.decode_image(image, channels=3, expand_animations=False) if encoded else image
+  return records.map(lambda image, *rest: (_tf_fit_image(decode(image), stored_size), *rest), tf.data.AUTOTUNE)
 
 
 def _tfds_arrays(builder, split, data_dir, stored_size):
-  records = tfds_records(builder, split, data_dir, decode_images=True)
-  records = records.map(lambda image, label: (fit_image(image, stored_size), label), tf.data.AUTOTUNE)
+  records = _tfds_fitted(tfds_records(builder, split, data_dir, decode_images=True), stored_size, encoded=False)
   images, labels = [], []
   for image_batch, label_batch in records.batch(_LOAD_BATCH).as_numpy_iterator():
     images.append(image_batch)
@@ -195,6 +238,36 @@ def _tfds_arrays(builder, split, data_dir, stored_size):
   if not images:
     raise DataError(f"TFDS dataset '{builder.name}': split '{split}' is empty")
   return Arrays(np.concatenate(images), np.concatenate(labels).astype(np.int32))
+
+
+# ---- fitting images to the stored size (PIL) ------------------------------------------------------------------
+
+def fit_image(image, stored_size):
+  """uint8 [H, W, 1|3] -> [stored_size, stored_size, 3]: the central square, resized (PIL bicubic) when the size
+  differs."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  height, width = image.shape[:2]
+  if height == width == stored_size:
+    return image
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  square = Image.fromarray(np.ascontiguousarray(image[top:top + side, left:left + side]))
+  return np.asarray(square.resize((stored_size, stored_size), Image.BICUBIC))
+
+
+def read_image(path):
+  """The file's image as uint8 RGB [H, W, 3] (PNG/JPEG, through PIL); DataError if it is not a readable image."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image.convert('RGB'))
+  except (OSError, ValueError, Image.DecompressionBombError):
+    raise DataError(f'{path}: unreadable image (not a valid PNG/JPEG); remove or replace it') from None
 
 
 # ---- image folder ---------------------------------------------------------------------------------------------
@@ -230,13 +303,7 @@ def _folder_arrays(root, split, class_names, stored_size):
   if not paths:
     raise DataError(f'{split_dir}: no images (*.png, *.jpg, *.jpeg) in its class folders; add images as '
                     f'{split_dir}/<class>/<name>.png|jpg')
-  images = []
-  for path in paths:
-    try:
-      image = decode_image(tf.io.read_file(path))
-    except tf.errors.InvalidArgumentError:
-      raise DataError(f'{path}: unreadable image (not a valid PNG/JPEG); remove or replace it') from None
-    images.append(fit_image(image, stored_size).numpy())
+  images = [fit_image(read_image(path), stored_size) for path in paths]
   return Arrays(np.stack(images), np.asarray(labels, np.int32))
 
 
@@ -257,8 +324,7 @@ def _fit_images(images, stored_size):
   """uint8 [N, H, W, 3] images resized to stored_size x stored_size (unchanged when they already are)."""
   if images.shape[1:3] == (stored_size, stored_size):
     return images
-  resized = tf.data.Dataset.from_tensor_slices(images).map(lambda image: fit_image(image, stored_size))
-  return np.concatenate(list(resized.batch(_LOAD_BATCH).as_numpy_iterator()))
+  return np.stack([fit_image(image, stored_size) for image in images])
 
 
 # ---- MNIST-format idx files -----------------------------------------------------------------------------------
@@ -370,3 +436,163 @@ def _npz_inputs(path, split, x, stored_size):
     return _fit_images(np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x, stored_size)
   raise DataError(f'{path}: x_{split} must be uint8 images [N, H, W, 1|3] or float vectors [N, D], got '
                   f'{x.dtype} {x.shape}')
+
+
+# ---- example sources: host-local numpy batches by position ----------------------------------------------------
+
+def _positions(step, rows_per_step, rows):
+  """Global positions of this host's rows [lo, hi) of step `step`'s batch of `rows_per_step`."""
+  return step * rows_per_step + np.arange(*rows)
+
+
+class InMemoryExamples:
+  """Examples from arrays, addressed by position through seeded per-epoch permutations of each pool: position p of
+  a pool of n is example perm_e(p mod n), perm_e a permutation seeded by (key, epoch e = p // n)."""
+
+  def __init__(self, train, test, pools, own_train_size=None):
+    self._arrays = {'train': train, 'test': test}
+    self._pools = dict(pools, test=np.arange(len(test)))
+    self._pools['train_labeled'] = self._pools['labeled']
+    self.vectors = train.images.ndim == 2
+    self.vector_size = train.images.shape[1] if self.vectors else None
+    # The training split's own images (not the extra unlabeled pool's): their channel statistics normalise inputs.
+    self.train_images = None if self.vectors else train.images[:own_train_size]
+
+  def size(self, pool):
+    return len(self._pools[pool])
+
+  def ids(self, pool):
+    """The pool's example ids: indices into the training split, the extra unlabeled pool numbered after it."""
+    return self._pools[pool]
+
+  def _array_of(self, pool):
+    return self._arrays['test' if pool == 'test' else 'train']
+
+  def train_batches(self, pool, *, start_step, rows_per_step, rows, key):
+    """Endless (images, labels, ids) of this host's `rows` of every step from `start_step`."""
+    arrays, indices = self._array_of(pool), self._pools[pool]
+    size = len(indices)
+    permutations = {}
+    for step in itertools.count(start_step):
+      positions = _positions(step, rows_per_step, rows)
+      epochs = positions // size
+      chosen = np.empty(len(positions), np.int64)
+      for epoch in np.unique(epochs):
+        if epoch not in permutations:
+          permutations = {e: p for e, p in permutations.items() if e >= epoch - 1}
+          permutations[epoch] = np.random.default_rng([key, int(epoch)]).permutation(size)
+        here = epochs == epoch
+        chosen[here] = indices[permutations[epoch][positions[here] % size]]
+      yield arrays.images[chosen], arrays.labels[chosen], chosen
+
+  def eval_batches(self, pool, *, batch_size, rows):
+    """One pass: (images, labels, mask, ids) of this host's rows, the last batch padded with copies of the pool's last
+    example (mask 0)."""
+    arrays, indices = self._array_of(pool), self._pools[pool]
+    size = len(indices)
+    for step in range(-(-size // batch_size)):
+      positions = _positions(step, batch_size, rows)
+      chosen = indices[np.minimum(positions, size - 1)]
+      yield arrays.images[chosen], arrays.labels[chosen], (positions < size).astype(np.float32), chosen
+
+
+class StreamingExamples:
+  """Examples streamed from TFDS records with tf.data (ImageNet-size data): records in stored order, filtered into
+  the pools, shuffled with a seeded buffer re-shuffled each epoch; images are decoded and resized to the stored size
+  only after each host has kept its rows. Resuming at step s skips s * rows records of each pool stream (read and
+  shuffled, not decoded). Selecting the labeled subset reads every label once at start-up (no image decoding)."""
+
+  def __init__(self, dataset_config, builder, stored_size, train_size, test_size, pools, extra):
+    self._config = dataset_config
+    self._builder = builder
+    self._stored_size = stored_size
+    self._extra = extra  # (builder, split, size) of dataset.unlabeled_source, or None
+    membership = np.full(train_size, -1, np.int8)
+    for code, pool in enumerate(POOLS):
+      membership[pools[pool]] = code
+    self._membership = membership
+    self._ids = {pool: pools[pool] for pool in POOLS}
+    if extra is not None:   # the extra pool's records are numbered after the training split's
+      self._ids['unlabeled'] = np.concatenate([pools['unlabeled'], train_size + np.arange(extra[2])])
+    self._sizes = {pool: len(pools[pool]) for pool in POOLS}
+    self._sizes.update(test=test_size, train_labeled=len(pools['labeled']))
+    if extra is not None:
+      self._sizes['unlabeled'] += extra[2]
+    self.vectors = False
+    self.train_images = None   # not in memory: normalised with the ImageNet statistics
+
+  @classmethod
+  def open(cls, dataset_config, stored_size, split_pools, extra_source):
+    builder = tfds_builder(dataset_config.name, dataset_config.data_dir)
+    train_labels = tfds_labels(builder, dataset_config.train_split, dataset_config.data_dir)
+    test_labels = tfds_labels(builder, dataset_config.test_split, dataset_config.data_dir)
+    check_labels(train_labels, dataset_config, dataset_config.train_split)
+    check_labels(test_labels, dataset_config, dataset_config.test_split)
+    extra = None
+    if extra_source is not None:
+      name, split = extra_source
+      extra_builder = tfds_builder(name, dataset_config.data_dir)
+      extra = (extra_builder, split, len(tfds_labels(extra_builder, split, dataset_config.data_dir)))
+    return cls(dataset_config, builder, stored_size, len(train_labels), len(test_labels), split_pools(train_labels),
+               extra)
+
+  def size(self, pool):
+    return self._sizes[pool]
+
+  def ids(self, pool):
+    return self._ids['labeled' if pool == 'train_labeled' else pool]
+
+  def _records(self, pool):
+    """The pool's (encoded image, label, id) records in stored order (id: the index in its split)."""
+    tf, config = _tensorflow(), self._config
+    if pool == 'test':
+      records = tfds_records(self._builder, config.test_split, config.data_dir, decode_images=False)
+      return records.enumerate().map(lambda i, record: (*record, i))
+    code = POOLS.index('labeled' if pool == 'train_labeled' else pool)
+    membership = tf.constant(self._membership)
+    records = tfds_records(self._builder, config.train_split, config.data_dir, decode_images=False)
+    return records.enumerate().filter(lambda i, _: membership[i] == code).map(lambda i, record: (*record, i))
+
+  def _extra_records(self):
+    """The extra unlabeled pool's (encoded image, -1, id) records, ids numbered after the training split's."""
+    tf = _tensorflow()
+    builder, split, _ = self._extra
+    records = tfds_records(builder, split, self._config.data_dir, decode_images=False)
+    return records.enumerate(start=len(self._membership)).map(
+        lambda i, record: (record[0], tf.constant(-1, tf.int32), i))
+
+  def _batches(self, stream, rows):
+    tf = _tensorflow()
+    stream = _tfds_fitted(stream, self._stored_size, encoded=True).batch(rows[1] - rows[0], drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return stream.with_options(options).prefetch(self._config.prefetch or tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def train_batches(self, pool, *, start_step, rows_per_step, rows, key):
+    tf = _tensorflow()
+    buffer = self._config.shuffle_buffer
+    stream = self._records(pool).shuffle(buffer, seed=key, reshuffle_each_iteration=True).repeat()
+    if pool == 'unlabeled' and self._extra is not None:
+      extra_size = self._extra[2]
+      extra = self._extra_records().shuffle(buffer, seed=key + 1, reshuffle_each_iteration=True).repeat()
+      own_size = self._sizes['unlabeled'] - extra_size
+      stream = tf.data.Dataset.sample_from_datasets([stream, extra], weights=[float(own_size), float(extra_size)],
+                                                    seed=key + 2)
+    lo, hi = rows
+    start = start_step * rows_per_step
+    stream = stream.skip(start).enumerate(start=start)
+    stream = stream.filter(lambda p, _: (p % rows_per_step >= lo) & (p % rows_per_step < hi))
+    return self._batches(stream.map(lambda _, record: record), rows)
+
+  def eval_batches(self, pool, *, batch_size, rows):
+    tf = _tensorflow()
+    size = self._sizes[pool]
+    records = self._records(pool)
+    if pool == 'unlabeled' and self._extra is not None:
+      records = records.concatenate(self._extra_records())
+    padding = -(-size // batch_size) * batch_size - size
+    records = records.concatenate(records.take(1).repeat(padding))  # copies of the first example, mask 0
+    lo, hi = rows
+    stream = records.enumerate().filter(lambda p, _: (p % batch_size >= lo) & (p % batch_size < hi))
+    return self._batches(stream.map(lambda p, record: (*record[:2], tf.cast(p < size, tf.float32), record[2])),
+                         rows)

@@ -57,7 +57,8 @@ def run(config, workdir):
                              f'classes, dataset.num_classes is {config.dataset.num_classes}; use a teacher of this '
                              'dataset')
   host, hosts = jax.process_index(), jax.process_count()
-  pipeline = input_pipeline.create(config, process_index=host, process_count=hosts)
+  pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
+                                   process_index=host, process_count=hosts)
   _check_inputs(network, config, pipeline)
   pool_ids = pipeline.unlabeled_ids()
   total = teacher_targets.num_chunks(len(pool_ids), chunk_size)

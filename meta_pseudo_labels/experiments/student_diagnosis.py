@@ -82,7 +82,7 @@ def diagnose(workdir):
   """Prints the measurements (see the module docstring) and returns them: {'step', 'test_top1': {network: {
   'as_trained', 'bn_clean', 'bn_strong'}}, 'teacher_on_validation': {view: {'top1', 'p_true_class'}}}."""
   config = ml_collections.ConfigDict(run_directory.RunDirectory(workdir).read_config())
-  pipeline = input_pipeline.create(config)
+  pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed)
   num_classes = pipeline.num_classes
   teacher_model = models.create_model(config.model, num_classes)
   student_config = workload.student_model_config(config)

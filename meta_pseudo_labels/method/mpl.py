@@ -394,6 +394,8 @@ def network_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams
     labeled, weak, strong = jnp.split(logits, _offsets(sizes))
     return teacher_own_loss(labeled, batch.y_labeled, weak, strong, step, hparams.label_smoothing, hparams.uda)
   (own_loss, own_metrics), own_logits_grad = jax.value_and_grad(own_loss_fn, has_aux=True)(logits)
+  # The teacher's own part of its gradient at its logits, against mpl/feedback_logits_grad_norm: how large the
+  # student's feedback is against the teacher's own loss (a feedback orders of magnitude smaller cannot move it).
 
   strong_start = sizes[0] + sizes[1]
   def backward(strong_logits_grad):

@@ -14,8 +14,9 @@ test split, and `workdir/results.json` is written.
 Reliability, by design:
 - Resume is bitwise: each phase checkpoints its whole state (parameters, BatchNorm statistics, optimizer and
   schedule counters, EMA, MPL baseline) under `workdir/checkpoints/<phase>`; the batches of step s are a pure
-  function of (seed, s) and the step rng is `fold_in(rng, step)` inside the steps, so restarting at the saved step
-  replays exactly what an uninterrupted run computes.
+  function of (seed, s) and the step rng is `fold_in(rng, step)` inside the steps (the views too, made inside the
+  jitted step by `pipeline.with_views`), so restarting at the saved step replays exactly what an uninterrupted run
+  computes.
 - The host waits for the device only at sync points (log, eval and checkpoint steps, the phase end, a preemption):
   metrics are summed on the device by the jitted step and fetched there, one transfer per sync.
 - Divergence guard (built into the jitted step by `step_builder.py`): every step computes whether all its metrics
@@ -137,7 +138,8 @@ def _phases(config, pipeline):
     main_phase = Phase(
         name=networks.MPL, num_steps=steps, global_offset=0,
         init=lambda rng, initial: warm_start.apply(make_state(rng), initial),
-        step=functools.partial(mpl.mpl_step, hparams=hparams), batches=batches,
+        step=pipeline.with_views(functools.partial(mpl.mpl_step, hparams=hparams), config.dataset.labeled_view),
+        batches=batches,
         eval_models=_eval_models(networks.MPL, apply_fns, reduced_teacher=hparams.teacher == 'reduced'))
   else:
     hparams = mpl.SupervisedHparams.from_config(config)
@@ -146,10 +148,10 @@ def _phases(config, pipeline):
         init=lambda rng, initial: warm_start.apply(train_state.create_supervised_state(
             rng, teacher_model, config.teacher_optimizer, input_shape, total_steps=steps,
             name='teacher_optimizer'), initial),
-        step=functools.partial(mpl.supervised_step, hparams=hparams),
+        step=pipeline.with_views(functools.partial(mpl.supervised_step, hparams=hparams),
+                                 config.dataset.labeled_view),
         batches=(pipeline.mpl_batches if config.method == 'uda'
-                 else functools.partial(_labeled_batches, pipeline, config.batch_size,
-                                        view=config.dataset.labeled_view)),
+                 else functools.partial(_labeled_batches, pipeline, config.batch_size)),
         eval_models=_eval_models(config.method, lambda s: {'model': s.network.apply_fn}))
   if config.method != networks.MPL or not config.finetune.num_steps:
     return main_phase, None
@@ -164,7 +166,8 @@ def _phases(config, pipeline):
 
   finetune_phase = Phase(
       name=networks.FINETUNE, num_steps=finetune_steps, global_offset=steps, init=finetune_init,
-      step=functools.partial(mpl.finetune_step, hparams=mpl.SupervisedHparams.for_finetune(config)),
+      step=pipeline.with_views(functools.partial(mpl.finetune_step,
+                                                 hparams=mpl.SupervisedHparams.for_finetune(config))),
       batches=functools.partial(_labeled_batches, pipeline, config.finetune.batch_size),
       eval_models=_eval_models(networks.FINETUNE, lambda s: {'student_model': s.network.apply_fn}))
   return main_phase, finetune_phase
@@ -177,8 +180,8 @@ def _eval_models(phase_name, apply_fns, reduced_teacher=False):
                     for network in networks.of_phase(phase_name, reduced_teacher)}
 
 
-def _labeled_batches(pipeline, batch_size, start_step, view='weak'):
-  return pipeline.labeled_batches(start_step, batch_size, view)
+def _labeled_batches(pipeline, batch_size, start_step):
+  return pipeline.labeled_batches(start_step, batch_size)
 
 
 class _Run:
@@ -324,7 +327,8 @@ def train_and_evaluate(config, workdir):
   changed = rundir.check_compatible(config_dict)
   if changed:
     logging.warning('Resuming %s with changed fields %s', workdir, changed)
-  pipeline = input_pipeline.create(config, process_index=jax.process_index(), process_count=jax.process_count())
+  pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
   initial_networks = warm_start.load(config, main_phase.init, pipeline.num_classes, rundir, main_phase.name)

@@ -243,17 +243,18 @@ def read_scalars(logdir):
   """{tag: {step: value}} of the scalars in every event file under `logdir` (a path or URL), in file-name order:
   later files win (a resumed run's values replace those of the process it resumed). A damaged file (the tail of
   a killed process's file) contributes what was readable before the damage."""
-  # pylint: disable=g-import-not-at-top  # only reading event files back needs TensorFlow's protos
-  import tensorflow as tf
+  # pylint: disable=g-import-not-at-top  # only reading event files back needs the tensorboard package's protos
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.util import tensor_util
   scalars = {}
   for path in sorted(epath.Path(logdir).glob('events.out.tfevents.*')):
     for record in _records(path.read_bytes()):
-      event = tf.compat.v1.Event.FromString(record)
+      event = event_pb2.Event.FromString(record)
       for value in event.summary.value:
         if value.HasField('simple_value'):
           number = value.simple_value
         elif value.metadata.plugin_data.plugin_name == 'scalars':
-          number = float(tf.make_ndarray(value.tensor))
+          number = float(tensor_util.make_ndarray(value.tensor))
         else:
           continue
         scalars.setdefault(value.tag, {})[event.step] = number

@@ -166,11 +166,11 @@ def load(directory, *, pool_ids, num_classes, top_k) -> StoredTargets:
 
 
 def joined_batches(batches: Iterator[dict[str, Any]], targets: StoredTargets) -> Iterator[dict[str, Any]]:
-  """Reduced MPL batches from MPL batches with `unlabeled_index`: the index replaced by the stored targets of those
-  examples (`unlabeled_targets`), the weak view dropped (T_R reads no image)."""
+  """Reduced MPL batches from MPL host batches with `unlabeled_index`: the index replaced by the stored targets of
+  those examples (`unlabeled_targets`); the step then makes no weak view of them (T_R reads no image,
+  `input_pipeline.model_batch`)."""
   for batch in batches:
     batch = dict(batch)
     ids = batch.pop('unlabeled_index')
-    del batch['unlabeled_weak']
     batch['unlabeled_targets'] = targets.lookup(ids)
     yield batch

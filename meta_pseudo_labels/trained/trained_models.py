@@ -98,10 +98,12 @@ def read_input_spec(workdir, config):
   logging.warning('%s is missing (a run of an older version): reading the training data %s again for its channel '
                   'statistics', rundir / run_directory.INPUTS,
                   config['dataset']['data_dir'] or config['dataset']['name'])
-  # Only this fallback needs TensorFlow and ml_collections: everything else here runs with jax alone.
+  # Only this fallback needs the training data (TFDS data: TensorFlow) and ml_collections; the rest runs on jax alone.
   import ml_collections  # pylint: disable=g-import-not-at-top
   from meta_pseudo_labels.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.create(ml_collections.ConfigDict(config)).input_spec
+  config = ml_collections.ConfigDict(config)
+  return input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config),
+                               seed=config.seed).input_spec
 
 
 def restore(workdir, name=None):
