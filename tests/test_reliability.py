@@ -249,7 +249,8 @@ def test_divergence_stop_names_step_and_term_and_keeps_the_last_good_checkpoint(
   stopped = _main(tmp_path, *DIVERGING)
   assert stopped.returncode == 2, stopped.stderr[-2000:]
   last = stopped.stderr.strip().splitlines()[-1]
-  assert re.fullmatch(r'error: mpl step 6: non-finite mpl/feedback_logits_grad_norm, teacher/grad_norm[^;]*; stopped, checkpoint 3 in '
+  assert re.fullmatch(r'error: mpl step 6: non-finite mpl/feedback_logits_grad_norm, teacher/grad_norm[^;]*; '
+                      r'stopped, checkpoint 3 in '
                       rf'{re.escape(str(tmp_path))}/checkpoints/mpl is the last good one and is kept; lower the '
                       r'learning rate, or set --config.on_nonfinite=skip to skip such steps', last), last
   assert 'Traceback' not in stopped.stderr
