@@ -306,6 +306,100 @@ def measure_input_pipeline(config, num_batches: int, step_examples_per_second: f
               over_step=examples_per_second / step_examples_per_second)
 
 
+# ---- the real training program on small images -----------------------------------------------------------------
+
+END_TO_END_METHODS = ('mpl', 'uda', 'supervised')
+# Parts of the loop (train.py's `loop_seconds`) in the order the report lists them; 'sync' is where the host waits
+# for the device's steps (the metric fetch), 'step' the dispatch.
+LOOP_PARTS = ('compile', 'step', 'sync', 'input', 'transfer', 'logging', 'evaluation', 'checkpoint')
+
+
+def _small_image_npz(config, directory: str) -> str:
+  """Random uint8 grayscale images of the config's side (e.g. 28x28, Fashion-MNIST's shapes) in an .npz: labeled,
+  validation and an unlabeled pool as the config sizes them, and a test split. The step's work does not depend on
+  the pixels, so random images time what real ones do."""
+  data = config.dataset
+  num_unlabeled = data.num_unlabeled if data.num_unlabeled > 0 else 10 * config.batch_size * config.uda_ratio
+  num_train = data.num_labeled + data.num_validation + num_unlabeled
+  num_test = max(data.num_validation, data.num_classes)
+  rng = np.random.default_rng(0)
+  side = data.image_size
+  path = os.path.join(directory, 'small_images.npz')
+  np.savez(path, x_train=rng.integers(0, 256, (num_train, side, side, 1), np.uint8),
+           y_train=np.arange(num_train, dtype=np.int32) % data.num_classes,
+           x_test=rng.integers(0, 256, (num_test, side, side, 1), np.uint8),
+           y_test=np.arange(num_test, dtype=np.int32) % data.num_classes)
+  return path
+
+
+def end_to_end(config, *, methods: Sequence[str] = END_TO_END_METHODS, data_path: str = '',
+               variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Runs the real training program (`run/train.py`'s `train_and_evaluate`: input pipeline, loop, evaluation,
+  checkpoints, results) for each of `methods` on an in-memory image data set, and times it.
+
+  `data_path`: an .npz (README's custom-data format, e.g. Fashion-MNIST); '' writes random 28x28-style images of
+  the config's shapes (`_small_image_npz`). `variants`: {name: {dotted config field: value}} run one after the
+  other per method in this process (a change of load weighs on all of them alike), the first being the one the
+  others' ratios are taken against; None runs the config as given. TensorFlow is imported here only.
+
+  Per run: wall and process CPU seconds, main-phase steps/s with and without compilation, and the loop's wall
+  seconds per part (`LOOP_PARTS`, from results.json; absent for a trainer that does not record them).
+  """
+  from meta_pseudo_labels.run import train  # pylint: disable=g-import-not-at-top
+  variants = variants or {'as_given': {}}
+  runs = {}
+  with tempfile.TemporaryDirectory() as directory:
+    if not data_path:
+      data_path = _small_image_npz(config, directory)
+    for method in methods:
+      for name, overrides in variants.items():
+        run_config = copy.deepcopy(config)
+        run_config.method = method
+        run_config.dataset.source, run_config.dataset.data_dir = 'npz', data_path
+        run_config.dataset.in_memory = True
+        for field, value in overrides.items():
+          *parents, leaf = field.split('.')
+          node = run_config
+          for parent in parents:
+            node = node[parent]
+          node[leaf] = value
+        workdir = tempfile.mkdtemp(dir=directory)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        results = train.train_and_evaluate(run_config, workdir)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        steps = results['steps'][method]
+        loop = results.get('loop_seconds', {})
+        phase = loop.get(method, {})
+        training = sum(phase.values()) - phase.get('compile', 0.0)
+        runs[f'{method}/{name}'] = dict(
+            method=method, variant=name, overrides=overrides, steps=steps, seconds=seconds, cpu_seconds=cpu_seconds,
+            steps_per_second=steps / training if training else None,
+            steps_per_second_with_compile=steps / sum(phase.values()) if phase else None,
+            run_steps_per_second=sum(results['steps'].values()) / seconds, loop_seconds=loop)
+  first = next(iter(variants))
+  for record in runs.values():
+    base = runs[f"{record['method']}/{first}"]
+    record['speedup'] = (record['steps_per_second'] / base['steps_per_second']
+                         if record['steps_per_second'] and base['steps_per_second'] else None)
+    record['run_speedup'] = record['run_steps_per_second'] / base['run_steps_per_second']
+  return dict(data=data_path if data_path else 'random images', runs=runs)
+
+
+def format_end_to_end(result: dict[str, Any]) -> str:
+  lines = [f"{'run':<28}{'steps':>6}{'steps/s':>9}{'x':>6}{'run s':>8}{'run x':>7}"
+           + ''.join(f'{part:>11}' for part in LOOP_PARTS)]
+  for name, record in result['runs'].items():
+    phase = record['loop_seconds'].get(record['method'], {})
+    per_second = record['steps_per_second']
+    lines.append(f"{name:<28}{record['steps']:>6}{per_second or float('nan'):>9.3f}"
+                 f"{record['speedup'] or float('nan'):>6.2f}{record['seconds']:>8.1f}{record['run_speedup']:>7.2f}"
+                 + ''.join(f"{phase.get(part, float('nan')):>11.2f}" for part in LOOP_PARTS))
+  lines.append("steps/s: main-phase steps over its loop's wall time without compilation; run s: the whole "
+               "program (compilation, finetuning, final evaluation included); x: over the first variant; the parts: "
+               "the main phase's loop wall seconds")
+  return '\n'.join(lines)
+
+
 def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul: dict[str, Any]) -> dict[str, Any]:
   """Per feedback mode: FLOPs over the floor, time over the two supervised steps, FLOP/s over the matmul's.
 
@@ -331,10 +425,57 @@ def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul: dict[str, An
   return ratios
 
 
+# The machine counts as quiet when the 1-minute load average before the run is at most this fraction of its CPUs and
+# did not rise by more than that over the run: beyond it other processes took cycles the timed steps wanted.
+QUIET_LOAD_PER_CPU = 0.5
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (from /proc/cpuinfo; `platform.processor()` elsewhere), e.g. 'AMD EPYC'."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith('model name'):
+          return line.partition(':')[2].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=g-import-not-at-top
+  return platform.processor() or 'unknown'
+
+
+def load_average() -> list[float] | None:
+  """The 1, 5 and 15-minute load averages (None where the OS has none)."""
+  try:
+    return [round(value, 2) for value in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def machine_load(before: list[float] | None, after: list[float] | None) -> dict[str, Any]:
+  """The load averages around a measurement and whether the machine was quiet (`QUIET_LOAD_PER_CPU`).
+
+  Timings taken under load do not describe the code (the two sides of a ratio are not slowed alike): the report
+  and the JSON carry a warning instead of a silent figure.
+  """
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  record = dict(load_before=before, load_after=after, cpus=cpus, quiet=None, warning='')
+  if before is None or after is None:
+    record['warning'] = 'no load average on this OS: cannot tell whether the machine was quiet'
+    return record
+  limit = QUIET_LOAD_PER_CPU * cpus
+  busy_before, rising = before[0] > limit, after[0] - before[0] > limit
+  record['quiet'] = not (busy_before or rising)
+  if not record['quiet']:
+    record['warning'] = (f'NOT A QUIET MACHINE: 1-min load {before[0]:.2f} before, {after[0]:.2f} after, on {cpus} '
+                         f'CPUs (quiet: at most {limit:.2f} before and no rise above it); other processes took '
+                         'cycles, so compare only ratios measured in this one run')
+  return record
+
+
 def device_description() -> dict[str, Any]:
   device = jax.devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind, num_devices=jax.device_count(),
-              host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
+              host_cpu_model=cpu_model(), host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
               compiler_options=xla_cpu.compiler_options(device.platform))
 
 
@@ -352,6 +493,7 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   unknown = sorted(set(feedback_modes) - set(FEEDBACK_MODES))
   if unknown:
     raise errors.ConfigError(f'feedback_modes: unknown {unknown}; choose from {list(FEEDBACK_MODES)}')
+  load_before = load_average()
   matmul_before = matmul_reference(matmul_size, warmup, repeats)
   measured = measure_steps(config, feedback_modes=feedback_modes, warmup=warmup, repeats=repeats,
                            torch_reference_on=torch_reference_on)
@@ -374,17 +516,23 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   if pipeline_batches:
     consumed = max(record['examples_per_second'] for name, record in steps.items() if name.startswith('mpl_'))
     result['input_pipeline'] = measure_input_pipeline(config, pipeline_batches, consumed, pipeline_data)
+  result['machine_load'] = machine_load(load_before, load_average())
   return result
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
+
+def load_line(load: dict[str, Any]) -> str:
+  line = f"load average (1, 5, 15 min): before {load['load_before']}, after {load['load_after']}"
+  return f"{line}\nWARNING: {load['warning']}" if load['warning'] else f'{line}: a quiet machine'
+
 
 def format_report(result: dict[str, Any]) -> str:
   """The benchmark as text tables (what `--json` prints as one object)."""
   device, job, matmul = result['device'], result['workload'], result['matmul']
   lines = [
       f"device: {device['device_kind']} ({device['platform']}), {device['num_devices']} device(s), "
-      f"{device['host_cpu_count']} host CPUs, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}, "
+      f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}, "
       f"compiler options {device['compiler_options']}",
       f"workload: teacher {job['teacher']}, student {job['student']}, {job['dtype']}, "
       f"B={job['batch_size']}, mu={job['uda_ratio']}, input {'x'.join(map(str, job['input_shape']))}"
@@ -392,6 +540,7 @@ def format_report(result: dict[str, Any]) -> str:
       f"matmul {matmul['size']}^2 float32: {matmul['flops_per_second'] / 1e9:.1f} GFLOP/s wall, "
       f"{matmul['flops_per_cpu_second'] / 1e9:.1f} GFLOP per CPU-second (best of before "
       f"{matmul['before']['flops_per_second'] / 1e9:.1f} / after {matmul['after']['flops_per_second'] / 1e9:.1f})",
+      load_line(result['machine_load']),
       '',
       f"{'step':<20}{'compile s':>10}{'cpu s':>8}{'step ms':>10}{'cpu ms':>9}{'ex/s':>10}{'GFLOP':>10}{'GFLOP/s':>9}"
       f"{'peak MiB':>10}{'donated':>9}{'convs':>7}{'host io':>8}",
@@ -468,6 +617,15 @@ def _main():
   pipeline_data_flag = flags.DEFINE_enum('pipeline_data', 'synthetic', PIPELINE_DATA,
                                          "The input pipeline's data: random images of the config's shapes, or "
                                          "the config's own data set.")
+  end_to_end_flag = flags.DEFINE_bool(
+      'end_to_end', False, 'Time the real training program (run/train.py) on small in-memory images instead of '
+      'the bare steps: steps/s per method and where the loop spends its time (`end_to_end`).')
+  methods_flag = flags.DEFINE_list('methods', list(END_TO_END_METHODS), 'With --end_to_end: the methods to run.')
+  data_flag = flags.DEFINE_string('data', '', 'With --end_to_end: an .npz data set (README format); empty: random '
+                                  "images of the config's shapes.")
+  variants_flag = flags.DEFINE_string(
+      'variants', '', 'With --end_to_end: JSON {name: {dotted config field: value}}, run in turn per method; '
+      'ratios are over the first. Empty: the config as given.')
   flags.mark_flags_as_required(['config'])
 
   def main(argv):
@@ -477,6 +635,19 @@ def _main():
                        ('pipeline_batches', pipeline_flag)):
       if flag.value < (1 if name in ('repeats', 'matmul_size') else 0):
         raise app.UsageError(f'--{name} must be positive, got {flag.value}')
+    if end_to_end_flag.value:
+      load_before = load_average()
+      try:
+        result = end_to_end(config_flag.value, methods=methods_flag.value, data_path=data_flag.value,
+                            variants=json.loads(variants_flag.value) if variants_flag.value else None)
+      except errors.MplError as error:
+        sys.exit(f'error: {error}')
+      result.update(device=device_description(), machine_load=machine_load(load_before, load_average()))
+      device = result['device']
+      print(json.dumps(result, indent=1) if json_flag.value else
+            f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}\n"
+            f"{load_line(result['machine_load'])}\n{format_end_to_end(result)}")
+      return
     try:
       result = run(config_flag.value, feedback_modes=modes_flag.value, warmup=warmup_flag.value,
                    repeats=repeats_flag.value, matmul_size=matmul_flag.value,
