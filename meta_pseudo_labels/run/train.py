@@ -41,6 +41,7 @@ from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.data import input_pipeline
@@ -281,7 +282,24 @@ class _Run:
       ckpt.close()
     return state
 
+  def _dispatch_end(self, phase, step):
+    """The last step of the dispatch that starts after `step`: the next multiple of `steps_per_dispatch`, or an
+    earlier sync point (a log, evaluation or checkpoint step, or the phase's end).
+
+    A function of the step numbers alone, so an interrupted run, resumed from any checkpoint (every save is at a
+    dispatch's end), groups the remaining steps exactly as the uninterrupted run does: resume stays bitwise.
+    """
+    config = self.config
+    every = [config.log_every_steps, config.checkpoint_every_steps]
+    if self.has_validation:
+      every.append(config.eval_every_steps)
+    per_dispatch = config.steps_per_dispatch
+    end = min(phase.num_steps, (step // per_dispatch + 1) * per_dispatch)
+    return min([end] + [(step // n + 1) * n for n in every])
+
   def _train(self, phase, state, state_shardings, start, step_rng, ckpt):
+    """Steps `start + 1 .. phase.num_steps`, up to `config.steps_per_dispatch` of them per call of the jitted
+    step (`_dispatch_end`); a preemption notice is acted on at the end of a dispatch."""
     config = self.config
     timed = functools.partial(self.timed, phase.name)
     batches = phase.batches(start)
@@ -291,21 +309,36 @@ class _Run:
                                                sharding.global_batch_shapes(first_batch), self.mesh,
                                                skip_nonfinite=config.on_nonfinite == 'skip')
     accumulator = train_step.new_accumulator()
+    per_dispatch = config.steps_per_dispatch
 
     last_saved = start or None   # the checkpoint this run resumed from
-    logging.info('%s: training steps %d..%d', phase.name, start + 1, phase.num_steps)
+    logging.info('%s: training steps %d..%d, up to %d per dispatch', phase.name, start + 1, phase.num_steps,
+                 per_dispatch)
     self.reporter.restart_clock(phase.global_offset + start)
-    host_batch = first_batch
+    pending = [first_batch]   # host batches drawn and not yet run
     fault_point = _fault_point(phase.name)
-    for step in range(start + 1, phase.num_steps + 1):
-      if host_batch is None:
-        with timed('input'):
-          host_batch = next(batches)
-      with timed('transfer'):
-        batch = sharding.make_global_batch(host_batch, self.mesh)
-      host_batch = None
-      with timed('compile' if step == start + 1 else 'step'):
-        state, accumulator = train_step.step(state, accumulator, batch, step_rng)
+    step = start
+    while step < phase.num_steps:
+      end = self._dispatch_end(phase, step)
+      with timed('input'):
+        while len(pending) < end - step:
+          pending.append(next(batches))
+      host_batches, pending = pending, []
+      if per_dispatch == 1:
+        with timed('transfer'):
+          batch = sharding.make_global_batch(host_batches[0], self.mesh)
+        with timed('compile' if step == start else 'step'):   # asynchronous: only the first call waits (compiles)
+          state, accumulator = train_step.step(state, accumulator, batch, step_rng)
+      else:   # always k rows (one executable); the rows past this dispatch's steps repeat its last batch, unused
+        host_batches += host_batches[-1:] * (per_dispatch - len(host_batches))
+        with timed('transfer'):
+          stacked = sharding.make_global_stacked_batch(jax.tree.map(lambda *x: np.stack(x), *host_batches),
+                                                       self.mesh)
+        with timed('compile' if step == start else 'step'):
+          state, accumulator = train_step.multi_step(state, accumulator, stacked, np.int32(end - step), step_rng)
+      for inner in range(step + 1, end):
+        fault_point(inner, ckpt)
+      step = end
 
       preempted = ckpt.reached_preemption(step)
       is_log = step % config.log_every_steps == 0
