@@ -198,6 +198,9 @@ def torch_reference_step(config, batch) -> tuple[Callable[[], Any] | None, dict[
   if not (config.model.name.startswith('wrn') and student_name == config.model.name):
     return None, dict(skipped=f'the reference has WideResNet pairs only, not {config.model.name}/{student_name}')
   device = torch_reference.device_for(jax.default_backend())
+  if jax.default_backend() != 'cpu' and device == 'cpu':
+    return None, dict(skipped=f'JAX runs on {jax.default_backend()} but torch sees no GPU (install a CUDA build '
+                              'of torch): a ratio across devices would mean nothing')
   torch_reference.set_threads(len(os.sched_getaffinity(0)))
   step = torch_reference.MplStep(config, jax.device_get(batch), device)
   counter = itertools.count()
