@@ -57,7 +57,6 @@ def test_split_indices_are_disjoint_balanced_and_seeded():
 
 
 @pytest.mark.parametrize('kwargs, error, fragment', [
-    (dict(num_labeled=9, num_validation=0), ConfigError, 'dataset.num_labeled=9'),
     (dict(num_labeled=20, num_validation=90), ConfigError, 'dataset.num_validation=90'),
     (dict(num_labeled=30, num_validation=0), DataError, 'class 9 has 1 training examples'),
     (dict(num_labeled=10, num_validation=10, num_unlabeled=90), ConfigError, 'dataset.num_unlabeled=90'),

@@ -3,6 +3,7 @@
 - No module of the package imports a program module (`train`, `benchmark`, `compile_check`, `main`,
   `experiments/*`): programs stand side by side on the library modules (`main` picks a program by name through
   `importlib`, which is not an import of it).
+- The library folders are layers (docs/ARCHITECTURE.md): each imports only the folders below it (LAYERS).
 - The core a GPU or TPU machine runs without TensorFlow (the steps, their builder, the workload, `benchmark`,
   `compile_check`) imports neither TensorFlow, TFDS, ml_collections nor clu, even when it lowers a step.
 """
@@ -59,6 +60,38 @@ def test_no_module_imports_a_program(path):
   imported_programs = (imported_modules(path.read_text()) & PROGRAMS) - {module_name(path)}
   assert not imported_programs, (f'{path.relative_to(REPO)} imports the program module(s) {sorted(imported_programs)}; '
                                  'move what it needs into a library module')
+
+
+# Library folder -> the folders it may import (besides itself and the shared base `errors`). Folders at the top
+# (the command-line programs and their support modules) and experiments/ may import any library folder.
+LAYERS = {
+    'data': set(),
+    'models': set(),
+    'method': {'models'},
+    'execution': {'models', 'method'},
+    'rundir': set(),
+    'trained': {'data', 'models', 'method', 'execution', 'rundir'},
+    'run': {'data', 'models', 'method', 'execution', 'rundir', 'trained'},
+}
+
+
+def test_every_library_folder_has_a_layer():
+  folders = {path.parent.name for path in PACKAGE.glob('*/__init__.py')} - {'experiments'}
+  assert folders == set(LAYERS), 'add the new folder to LAYERS and to docs/ARCHITECTURE.md'
+
+
+@pytest.mark.parametrize('path', sorted(p for folder in LAYERS for p in (PACKAGE / folder).rglob('*.py')),
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_library_folders_import_only_the_layers_below(path):
+  folder = path.relative_to(PACKAGE).parts[0]
+  allowed = LAYERS[folder] | {folder}
+  imported = {name.split('.')[1] for name in imported_modules(path.read_text())
+              if name.startswith('meta_pseudo_labels.') and name.count('.') >= 1}
+  imported_folders = {name for name in imported if (PACKAGE / name).is_dir()}
+  imported_top = imported - imported_folders - {'errors'}
+  assert not imported_folders - allowed, (f'{path.relative_to(REPO)} (layer {folder}) imports '
+                                          f'{sorted(imported_folders - allowed)}; it may import {sorted(allowed)}')
+  assert not imported_top, f'{path.relative_to(REPO)} imports the top-level module(s) {sorted(imported_top)}'
 
 
 LOWER_AND_LIST_MODULES = '''

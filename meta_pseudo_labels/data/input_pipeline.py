@@ -56,9 +56,6 @@ def split_indices(labels, num_classes, *, num_labeled, num_validation, num_unlab
   """
   labels = np.asarray(labels)
   total = len(labels)
-  if num_labeled < num_classes:
-    raise ConfigError(f'dataset.num_labeled={num_labeled} leaves some of the {num_classes} classes without a '
-                      f'labeled example; use at least dataset.num_classes={num_classes}')
   if num_labeled + num_validation > total:
     raise ConfigError(f'dataset.num_labeled={num_labeled} + dataset.num_validation={num_validation} exceeds the '
                       f'{total} training examples; lower them to at most {total} together')

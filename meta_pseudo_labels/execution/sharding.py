@@ -144,16 +144,21 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
       lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size, fsdp_min_size)), abstract_state)
 
 
+def check_batch_divides(size: int, batch_devices: int, name: str) -> None:
+  """A global batch is split evenly over the data x fsdp devices: the one statement of that rule, used by config
+  validation (naming the config field, before any work) and by `batch_spec` (any batch a program shards)."""
+  if size % batch_devices:
+    raise errors.ConfigError(
+        f'{name}: {size} is not divisible by the {batch_devices} devices of the mesh axes data x fsdp; '
+        f'use a multiple of {batch_devices} (batch_size, batch_size * uda_ratio, eval_batch_size and '
+        'finetune.batch_size all are), or set --config.mesh.data')
+
+
 def batch_spec(shape: Sequence[int], mesh: Mesh, name: str = 'batch') -> P:
   """Batch dimension over ('data', 'fsdp'); for 4-D NHWC images, the width over 'spatial' when spatial > 1."""
-  batch_devices = mesh.shape['data'] * mesh.shape[FSDP_AXIS]
   if not shape:
     raise errors.ConfigError(f'batch array {name!r} is a scalar; every batch array needs a leading batch dimension')
-  if shape[0] % batch_devices:
-    raise errors.ConfigError(
-        f'batch array {name!r}: the global batch of {shape[0]} examples is not divisible by the {batch_devices} '
-        'devices of the mesh axes data x fsdp; make batch_size, batch_size * uda_ratio, eval_batch_size and '
-        f'finetune.batch_size multiples of {batch_devices}')
+  check_batch_divides(shape[0], mesh.shape['data'] * mesh.shape[FSDP_AXIS], f'batch array {name!r}')
   spatial = mesh.shape[SPATIAL_AXIS]
   if spatial > 1 and len(shape) == 4:
     if shape[IMAGE_WIDTH_DIM] % spatial:

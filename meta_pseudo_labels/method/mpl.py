@@ -55,6 +55,14 @@ def check_pseudo_labels(value):
     raise errors.ConfigError(f'mpl.pseudo_labels: unknown {value!r}; choose one of {list(PSEUDO_LABELS)}')
 
 
+def _check_smoothing_and_ema(label_smoothing, ema_decay):
+  """The ranges both step's hyper-parameters share (MplHparams, SupervisedHparams)."""
+  if not 0.0 <= label_smoothing < 1.0:
+    raise errors.ConfigError(f'label_smoothing: must be in [0, 1), got {label_smoothing}')
+  if not 0.0 <= ema_decay < 1.0:
+    raise errors.ConfigError(f'ema_decay: must be in [0, 1), got {ema_decay}')
+
+
 @dataclasses.dataclass(frozen=True)
 class UdaHparams:
   """The teacher's UDA term (Xie et al. 2020; MPL App. C). weight 0 turns it off."""
@@ -69,8 +77,14 @@ class UdaHparams:
                threshold=float(uda_config.threshold), ramp_steps=int(uda_config.ramp_steps))
 
   def __post_init__(self):
-    if self.weight < 0 or self.temperature <= 0 or self.ramp_steps < 0:
-      raise errors.ConfigError(f'uda: need weight >= 0, temperature > 0, ramp_steps >= 0; got {self}')
+    if self.weight < 0:
+      raise errors.ConfigError(f'uda.weight: must be >= 0, got {self.weight}')
+    if self.temperature <= 0:
+      raise errors.ConfigError(f'uda.temperature: must be > 0, got {self.temperature}')
+    if not 0.0 <= self.threshold <= 1.0:
+      raise errors.ConfigError(f'uda.threshold: must be in [0, 1], got {self.threshold}')
+    if self.ramp_steps < 0:
+      raise errors.ConfigError(f'uda.ramp_steps: must be >= 0, got {self.ramp_steps}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +119,7 @@ class MplHparams:
       raise errors.ConfigError(f'mpl.h_sign: must be +1 or -1, got {self.h_sign}')
     if not 0.0 <= self.baseline_rate <= 1.0:
       raise errors.ConfigError(f'mpl.baseline_rate: must be in [0, 1], got {self.baseline_rate}')
-    if not 0.0 <= self.label_smoothing < 1.0:
-      raise errors.ConfigError(f'label_smoothing: must be in [0, 1), got {self.label_smoothing}')
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise errors.ConfigError(f'ema_decay: must be in [0, 1), got {self.ema_decay}')
+    _check_smoothing_and_ema(self.label_smoothing, self.ema_decay)
 
   @property
   def soft_pseudo_labels(self):
@@ -135,10 +146,7 @@ class SupervisedHparams:
     return dataclasses.replace(cls.from_config(config), uda=UdaHparams())
 
   def __post_init__(self):
-    if not 0.0 <= self.label_smoothing < 1.0:
-      raise errors.ConfigError(f'label_smoothing: must be in [0, 1), got {self.label_smoothing}')
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise errors.ConfigError(f'ema_decay: must be in [0, 1), got {self.ema_decay}')
+    _check_smoothing_and_ema(self.label_smoothing, self.ema_decay)
 
 
 # ---- the step's inputs ------------------------------------------------------------------------------------------

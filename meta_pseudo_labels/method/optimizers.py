@@ -12,16 +12,18 @@ from meta_pseudo_labels import errors
 SCHEDULES = ('cosine', 'constant')
 
 
-def _check(optimizer_config, total_steps, name):
-  """One-line ConfigErrors for values that would silently produce a broken schedule."""
+def check_config(optimizer_config, name='optimizer'):
+  """One-line ConfigErrors for values that would silently produce a broken schedule or optimizer; `name` is the
+  config path named in them (e.g. 'student_optimizer'). The one place these ranges live (config validation calls
+  it before any work, `create_learning_rate_fn` when it builds the schedule)."""
   if optimizer_config.schedule not in SCHEDULES:
     raise errors.ConfigError(f'{name}.schedule: unknown schedule {optimizer_config.schedule!r}; choose one of '
                              f'{list(SCHEDULES)}')
   for field in ('learning_rate', 'warmup_steps', 'wait_steps', 'weight_decay', 'grad_clip_norm', 'momentum'):
     if getattr(optimizer_config, field) < 0:
       raise errors.ConfigError(f'{name}.{field}: must be >= 0, got {getattr(optimizer_config, field)}')
-  if total_steps < 0:
-    raise errors.ConfigError(f'number of steps must be >= 0, got {total_steps}')
+  if optimizer_config.momentum >= 1:
+    raise errors.ConfigError(f'{name}.momentum: must be in [0, 1), got {optimizer_config.momentum}')
 
 
 def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
@@ -36,7 +38,9 @@ def create_learning_rate_fn(optimizer_config, total_steps, name='optimizer'):
   D = total_steps - wait_steps - warmup_steps. `step` is the train step's index (the state's step counter before
   it, 0 for the first). `name` is the config path named in errors (e.g. 'student_optimizer').
   """
-  _check(optimizer_config, total_steps, name)
+  check_config(optimizer_config, name)
+  if total_steps < 0:
+    raise errors.ConfigError(f'number of steps must be >= 0, got {total_steps}')
   peak = float(optimizer_config.learning_rate)
   wait = int(optimizer_config.wait_steps)
   warmup = int(optimizer_config.warmup_steps)

@@ -98,27 +98,36 @@ def create_model(model_config, num_classes: int, dtype=None, bn_group_size: int 
   Raises:
     errors.ConfigError: unknown name, dtype, or out-of-range size or rate.
   """
-  name = getattr(model_config, 'name', None)
-  if name not in MODELS:
-    raise errors.ConfigError(f"model.name: unknown model '{name}'; choose one of {sorted(MODELS)}")
-  dtype_name = jnp.dtype(dtype).name if dtype is not None else getattr(model_config, 'dtype', 'float32')
-  if dtype_name not in COMPUTE_DTYPES:
-    raise errors.ConfigError(f"model.dtype: unsupported compute dtype '{dtype_name}'; "
-                             f'choose one of {sorted(COMPUTE_DTYPES)}')
+  check_config(model_config, dtype=dtype)
   if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
     raise errors.ConfigError(f'dataset.num_classes: must be a positive integer, got {num_classes!r}')
   if not isinstance(bn_group_size, numbers.Integral) or bn_group_size < 0:
     raise errors.ConfigError(f'batch_norm_group_size: must be 0 (whole batch) or a positive number of examples, '
                              f'got {bn_group_size!r}')
-  for field in ('dropout_rate', 'drop_connect_rate'):
-    rate = getattr(model_config, field, 0.0)
+  name = model_config.name
+  dtype_name = jnp.dtype(dtype).name if dtype is not None else getattr(model_config, 'dtype', 'float32')
+  return MODELS[name](model_config, num_classes, COMPUTE_DTYPES[dtype_name], bn_group_size)
+
+
+def check_config(model_config, field='model', dtype=None):
+  """One-line ConfigErrors for a model config's own fields (name, dtype, rates, remat policy, BatchNorm momentum),
+  named by the config path `field` ('model' or 'student_model'); `dtype` overrides the config's, as in
+  `create_model`. The one place these rules live: `create_model` and config validation both call it."""
+  name = getattr(model_config, 'name', None)
+  if name not in MODELS:
+    raise errors.ConfigError(f"{field}.name: unknown model '{name}'; choose one of {sorted(MODELS)}")
+  dtype_name = jnp.dtype(dtype).name if dtype is not None else getattr(model_config, 'dtype', 'float32')
+  if dtype_name not in COMPUTE_DTYPES:
+    raise errors.ConfigError(f"{field}.dtype: unsupported compute dtype '{dtype_name}'; "
+                             f'choose one of {sorted(COMPUTE_DTYPES)}')
+  for rate_field in ('dropout_rate', 'drop_connect_rate'):
+    rate = getattr(model_config, rate_field, 0.0)
     if not 0.0 <= rate < 1.0:
-      raise errors.ConfigError(f'model.{field}: must be in [0, 1), got {rate}')
+      raise errors.ConfigError(f'{field}.{rate_field}: must be in [0, 1), got {rate}')
   policy = getattr(model_config, 'remat', 'none')
   if policy not in remat.POLICIES:
-    raise errors.ConfigError(f'model.remat: unknown rematerialisation policy {policy!r}; choose one of '
+    raise errors.ConfigError(f'{field}.remat: unknown rematerialisation policy {policy!r}; choose one of '
                              f'{list(REMAT_POLICIES)}')
   momentum = getattr(model_config, 'bn_momentum', 0.99)
   if not 0.0 <= momentum < 1.0:
-    raise errors.ConfigError(f'model.bn_momentum: must be in [0, 1), got {momentum}')
-  return MODELS[name](model_config, num_classes, COMPUTE_DTYPES[dtype_name], bn_group_size)
+    raise errors.ConfigError(f'{field}.bn_momentum: must be in [0, 1), got {momentum}')

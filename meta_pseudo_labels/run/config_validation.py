@@ -68,13 +68,12 @@ def _number(config, field, low=-math.inf, high=math.inf, *, low_open=False, high
 
 
 def _optimizer(config, name):
-  _choice(config, f'{name}.schedule', optimizers.SCHEDULES)
-  _number(config, f'{name}.learning_rate', 0.0, float('inf'))
-  _number(config, f'{name}.weight_decay', 0.0, float('inf'))
-  _number(config, f'{name}.grad_clip_norm', 0.0, float('inf'))
-  _number(config, f'{name}.momentum', 0.0, 1.0, high_open=True)
-  _integer(config, f'{name}.warmup_steps', 0)
-  _integer(config, f'{name}.wait_steps', 0)
+  """Types and finiteness here; the schedule and the ranges are `optimizers.check_config`'s."""
+  for field in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'momentum'):
+    _number(config, f'{name}.{field}')
+  for field in ('warmup_steps', 'wait_steps'):
+    _integer(config, f'{name}.{field}', 0)
+  optimizers.check_config(_get(config, name), name)
 
 
 def _integer_up_to(config, field, maximum, why):
@@ -96,13 +95,13 @@ def _augmentation(config, image_size):
 
 
 def _model(config, field):
-  name = _get(config, field)
-  if name not in models.MODELS:
-    raise errors.ConfigError(f"{field}: unknown model {name!r}; choose one of {sorted(models.MODELS)}")
+  """The model's own fields are `models.check_config`'s; here, whether it takes the data's kind of input."""
+  models.check_config(_get(config, field), field)
+  name = _get(config, field).name
   vector_input = config.dataset.source == 'two_moons'
   if (name in models.VECTOR_MODELS) != vector_input and config.dataset.source != 'npz':
     kind = 'vectors (dataset.source two_moons)' if name in models.VECTOR_MODELS else 'images'
-    raise errors.ConfigError(f'{field}: {name!r} takes {kind}, but dataset.source is '
+    raise errors.ConfigError(f'{field}.name: {name!r} takes {kind}, but dataset.source is '
                              f'{config.dataset.source!r}; choose a model for this data')
 
 
@@ -129,11 +128,9 @@ def validate(config, num_devices):
                              '(an image-folder root or an .npz file); set --config.dataset.data_dir=PATH')
 
   # Models.
-  _model(config, 'model.name')
-  _choice(config, 'model.remat', models.REMAT_POLICIES)
+  _model(config, 'model')
   if config.student_model.name:
-    _model(config, 'student_model.name')
-    _choice(config, 'student_model.remat', models.REMAT_POLICIES)
+    _model(config, 'student_model')
   elif _get(config, 'student_model.remat') != 'none':
     raise errors.ConfigError(f'student_model.remat: {config.student_model.remat!r} applies only with '
                              'student_model.name set; with name empty the student is `model`, remat included: set '
@@ -161,11 +158,9 @@ def validate(config, num_devices):
   _integer(config, 'uda.ramp_steps', 1)
 
   # Losses and optimizers.
-  for field in ('label_smoothing', 'ema_decay', 'mpl.h_sign', 'mpl.baseline_rate'):
-    _number(config, field)   # a finite number; its range is mpl.MplHparams', checked below
-  _number(config, 'uda.weight', 0.0, float('inf'))
-  _number(config, 'uda.temperature', 0.0, float('inf'), low_open=True)
-  _number(config, 'uda.threshold', 0.0, 1.0)
+  for field in ('label_smoothing', 'ema_decay', 'mpl.h_sign', 'mpl.baseline_rate', 'uda.weight', 'uda.temperature',
+                'uda.threshold'):
+    _number(config, field)   # a finite number; its range is mpl.MplHparams' (and UdaHparams'), checked below
   _optimizer(config, 'teacher_optimizer')
   _optimizer(config, 'student_optimizer')
   _optimizer(config, 'finetune.optimizer')
@@ -191,10 +186,7 @@ def validate(config, num_devices):
     uda_ratio = _integer(config, 'uda_ratio', 1)
     batches['batch_size * uda_ratio'] = batch_size * uda_ratio
   for field, size in batches.items():
-    if size % batch_devices:
-      raise errors.ConfigError(
-          f'{field}: {size} is not divisible by the {batch_devices} devices of the mesh (data={data} x fsdp={fsdp} '
-          f'of {num_devices} devices); use a multiple of {batch_devices} or set --config.mesh.data')
+    sharding.check_batch_divides(size, batch_devices, field)
   _integer(config, 'batch_norm_group_size', 0)
   group = config.batch_norm_group_size
   if group and batch_size % group:
