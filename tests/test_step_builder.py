@@ -59,3 +59,25 @@ def test_steps_per_dispatch_group_steps_without_changing_them(skip_nonfinite):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     else:
       np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_preempted_between_sync_points_resumes_to_the_same_result(tmp_path, monkeypatch):
+  """The loop at 3 steps per dispatch with syncs every 5 steps (dispatches end at 3, 5, 6, 9, 10): a SIGTERM during
+  step 5 is acted on at the end of the next dispatch, step 6, no sync point; the resumed run groups steps 7..10 as
+  the uninterrupted one does, so the two end bitwise alike (TwoMoon, MPL, in this process)."""
+  from configs import two_moons   # pylint: disable=g-import-not-at-top  # TensorFlow: the loop's test only
+  from meta_pseudo_labels import errors   # pylint: disable=g-import-not-at-top
+  from meta_pseudo_labels.run import train   # pylint: disable=g-import-not-at-top
+  config = two_moons.get_config()
+  config.experiment, config.num_train_steps, config.finetune.num_steps = 'train', 10, 0
+  config.log_every_steps = config.checkpoint_every_steps = 5
+  config.eval_every_steps, config.steps_per_dispatch = 10, 3
+  config.batch_size = config.dataset.num_labeled = 8   # split over the test's 8 CPU devices (conftest)
+
+  uninterrupted = train.train_and_evaluate(config, tmp_path / 'uninterrupted')
+  monkeypatch.setenv(train.FAULT_ENV, 'term@mpl:5')
+  with pytest.raises(errors.Preempted, match='step 6'):
+    train.train_and_evaluate(config, tmp_path / 'resumed')
+  monkeypatch.delenv(train.FAULT_ENV)
+  resumed = train.train_and_evaluate(config, tmp_path / 'resumed')
+  assert resumed['final'] == uninterrupted['final']
