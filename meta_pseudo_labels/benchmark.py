@@ -46,6 +46,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -335,67 +336,68 @@ def _small_image_npz(config, directory: str) -> str:
   return path
 
 
-def end_to_end(config, *, methods: Sequence[str] = END_TO_END_METHODS, data_path: str = '',
-               variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-  """Runs the real training program (`run/train.py`'s `train_and_evaluate`: input pipeline, loop, evaluation,
-  checkpoints, results) for each of `methods` on an in-memory image data set, and times it.
+def end_to_end(config, config_args: Sequence[str], *, methods: Sequence[str] = END_TO_END_METHODS,
+               data_path: str = '', variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Runs the real training program, `python -m meta_pseudo_labels.main` with `config_args` (the `--config...`
+  arguments `config` was read from), for each of `methods` on an in-memory image data set, and times it.
 
-  `data_path`: an .npz (README's custom-data format, e.g. Fashion-MNIST); '' writes random 28x28-style images of
-  the config's shapes (`_small_image_npz`). `variants`: {name: {dotted config field: value}} run one after the
-  other per method in this process (a change of load weighs on all of them alike), the first being the one the
-  others' ratios are taken against; None runs the config as given. TensorFlow is imported here only.
+  One child process per run: the program as a user runs it (input pipeline, loop, evaluation, checkpoints,
+  results), with nothing compiled or cached beforehand, and TensorFlow never imported here. `data_path`: an .npz
+  (README's custom-data format, e.g. Fashion-MNIST); '' writes random images of the config's shapes
+  (`_small_image_npz`). `variants`: {name: {dotted config field: value}} run one after the other per method (a
+  change of load weighs on all of them alike), ratios taken against the first; None runs the config as given.
 
-  Per run: wall and process CPU seconds, main-phase steps/s with and without compilation, and the loop's wall
-  seconds per part (`LOOP_PARTS`, from results.json; absent for a trainer that does not record them).
+  Per run: wall and CPU seconds of the child, main-phase steps/s without compilation, the whole program's steps/s,
+  and the loop's wall seconds per part (`LOOP_PARTS`, results.json's `loop_seconds`; absent for a trainer that does
+  not record them, whose runs then have 'run' figures only).
   """
-  from meta_pseudo_labels.run import train  # pylint: disable=g-import-not-at-top
   variants = variants or {'as_given': {}}
   runs = {}
   with tempfile.TemporaryDirectory() as directory:
-    if not data_path:
-      data_path = _small_image_npz(config, directory)
+    data = data_path or _small_image_npz(config, directory)
     for method in methods:
       for name, overrides in variants.items():
-        run_config = copy.deepcopy(config)
-        run_config.method = method
-        run_config.dataset.source, run_config.dataset.data_dir = 'npz', data_path
-        run_config.dataset.in_memory = True
-        for field, value in overrides.items():
-          *parents, leaf = field.split('.')
-          node = run_config
-          for parent in parents:
-            node = node[parent]
-          node[leaf] = value
         workdir = tempfile.mkdtemp(dir=directory)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        results = train.train_and_evaluate(run_config, workdir)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        fields = {'method': method, 'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.in_memory': True,
+                  **overrides}
+        command = [sys.executable, '-m', 'meta_pseudo_labels.main', *config_args, f'--workdir={workdir}',
+                   *(f'--config.{field}={value}' for field, value in fields.items())]
+        children = os.times()
+        start = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        cpu_seconds = sum(os.times()[2:4]) - sum(children[2:4])
+        if completed.returncode:
+          raise errors.MplError(f'end_to_end {method}/{name}: the training program failed:\n'
+                                f'{completed.stderr[-3000:]}')
+        with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as results_file:
+          results = json.load(results_file)
         steps = results['steps'][method]
-        loop = results.get('loop_seconds', {})
-        phase = loop.get(method, {})
+        phase = results.get('loop_seconds', {}).get(method, {})
         training = sum(phase.values()) - phase.get('compile', 0.0)
         runs[f'{method}/{name}'] = dict(
             method=method, variant=name, overrides=overrides, steps=steps, seconds=seconds, cpu_seconds=cpu_seconds,
             steps_per_second=steps / training if training else None,
-            steps_per_second_with_compile=steps / sum(phase.values()) if phase else None,
-            run_steps_per_second=sum(results['steps'].values()) / seconds, loop_seconds=loop)
+            run_steps_per_second=sum(results['steps'].values()) / seconds,
+            loop_seconds=results.get('loop_seconds', {}))
   first = next(iter(variants))
   for record in runs.values():
     base = runs[f"{record['method']}/{first}"]
     record['speedup'] = (record['steps_per_second'] / base['steps_per_second']
                          if record['steps_per_second'] and base['steps_per_second'] else None)
     record['run_speedup'] = record['run_steps_per_second'] / base['run_steps_per_second']
-  return dict(data=data_path if data_path else 'random images', runs=runs)
+  return dict(data=data_path or 'random images', command_config=list(config_args), runs=runs)
 
 
 def format_end_to_end(result: dict[str, Any]) -> str:
-  lines = [f"{'run':<28}{'steps':>6}{'steps/s':>9}{'x':>6}{'run s':>8}{'run x':>7}"
+  lines = [f"{'run':<28}{'steps':>6}{'steps/s':>9}{'x':>6}{'run s':>8}{'run x':>7}{'run CPU s':>10}"
            + ''.join(f'{part:>11}' for part in LOOP_PARTS)]
   for name, record in result['runs'].items():
     phase = record['loop_seconds'].get(record['method'], {})
     per_second = record['steps_per_second']
     lines.append(f"{name:<28}{record['steps']:>6}{per_second or float('nan'):>9.3f}"
                  f"{record['speedup'] or float('nan'):>6.2f}{record['seconds']:>8.1f}{record['run_speedup']:>7.2f}"
+                 f"{record['cpu_seconds']:>10.1f}"
                  + ''.join(f"{phase.get(part, float('nan')):>11.2f}" for part in LOOP_PARTS))
   lines.append("steps/s: main-phase steps over its loop's wall time without compilation; run s: the whole "
                "program (compilation, finetuning, final evaluation included); x: over the first variant; the parts: "
@@ -641,7 +643,8 @@ def _main():
     if end_to_end_flag.value:
       load_before = load_average()
       try:
-        result = end_to_end(config_flag.value, methods=methods_flag.value, data_path=data_flag.value,
+        config_args = [arg for arg in sys.argv[1:] if arg.startswith('--config')]
+        result = end_to_end(config_flag.value, config_args, methods=methods_flag.value, data_path=data_flag.value,
                             variants=json.loads(variants_flag.value) if variants_flag.value else None)
       except errors.MplError as error:
         sys.exit(f'error: {error}')
