@@ -21,6 +21,10 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
   the hard_taylor step (`torch_reference.py`), run after each timed hard_taylor step on the matching device with
   XLA:CPU's thread count, so that project / PyTorch step time (wall and CPU) is a ratio taken under one load.
 
+`--end_to_end` times the real training program instead (`end_to_end`: `python -m meta_pseudo_labels.main` on small
+in-memory images, steps/s per method and the loop's time per part). Every report records the CPU model and the load
+average before and after, and warns when the machine was not quiet (`machine_load`).
+
 Every executable is compiled with `xla_cpu.compiler_options()` (on CPU: convolutions in XLA's own kernels), the
 options the training step uses.
 
