@@ -185,3 +185,28 @@ def test_the_accelerator_command_imports_no_tensorflow(tmp_path):
   completed = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                              timeout=240, check=False)
   assert completed.returncode == 0 and 'NO_TF' in completed.stdout, completed.stderr[-3000:]
+
+
+def test_end_to_end_times_the_training_program_and_its_loop(monkeypatch):
+  """`--end_to_end`: the real program (main, in a child) on random small images, steps/s and the loop's parts."""
+  from configs import cifar10_4k  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO_ROOT)
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
+  overrides = dict(num_train_steps=2, batch_size=8, uda_ratio=1, eval_batch_size=8, **{
+      'dataset.image_size': 8, 'dataset.num_labeled': 10, 'dataset.num_validation': 8, 'dataset.num_unlabeled': 16,
+      'dataset.cutout_size': 4, 'dataset.pad_crop': 1, 'finetune.num_steps': 0})
+  config = cifar10_4k.get_config('cpu')
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  args = ['--config=configs/cifar10_4k.py:cpu'] + [f'--config.{field}={value}' for field, value in overrides.items()]
+  result = benchmark.end_to_end(config, args, methods=['supervised'])
+  record = result['runs']['supervised/as_given']
+  assert record['steps'] == 2 and record['speedup'] == 1.0
+  assert _positive_finite(record['steps_per_second']) and _positive_finite(record['cpu_seconds'])
+  assert {'compile', 'sync', 'input', 'transfer', 'evaluation', 'checkpoint'} <= set(record['loop_seconds']['supervised'])
+  assert 'supervised/as_given' in benchmark.format_end_to_end(result)
