@@ -484,7 +484,8 @@ def machine_load(before: list[float] | None, after: list[float] | None) -> dict[
 def device_description() -> dict[str, Any]:
   device = jax.devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind, num_devices=jax.device_count(),
-              host_cpu_model=cpu_model(), host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
+              host_cpu_model=cpu_model(), host_cpu_count=os.cpu_count(), jax_version=jax.__version__,
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
               compiler_options=xla_cpu.compiler_options(device.platform))
 
 
@@ -541,7 +542,8 @@ def format_report(result: dict[str, Any]) -> str:
   device, job, matmul = result['device'], result['workload'], result['matmul']
   lines = [
       f"device: {device['device_kind']} ({device['platform']}), {device['num_devices']} device(s), "
-      f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}, "
+      f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}, "
+      f"XLA_FLAGS={device['xla_flags']!r}, "
       f"compiler options {device['compiler_options']}",
       f"workload: teacher {job['teacher']}, student {job['student']}, {job['dtype']}, "
       f"B={job['batch_size']}, mu={job['uda_ratio']}, input {'x'.join(map(str, job['input_shape']))}"

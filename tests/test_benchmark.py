@@ -208,5 +208,6 @@ def test_end_to_end_times_the_training_program_and_its_loop(monkeypatch):
   record = result['runs']['supervised/as_given']
   assert record['steps'] == 2 and record['speedup'] == 1.0
   assert _positive_finite(record['steps_per_second']) and _positive_finite(record['cpu_seconds'])
-  assert {'compile', 'sync', 'input', 'transfer', 'evaluation', 'checkpoint'} <= set(record['loop_seconds']['supervised'])
+  parts = set(record['loop_seconds']['supervised'])
+  assert {'compile', 'sync', 'input', 'transfer', 'evaluation', 'checkpoint'} <= parts
   assert 'supervised/as_given' in benchmark.format_end_to_end(result)
