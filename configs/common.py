@@ -29,15 +29,18 @@ def optimizer_config(*, learning_rate, warmup_steps, wait_steps=0, weight_decay=
 def get_base_config():
   """The complete field set; experiment configs change values, never add fields."""
   config = ml_collections.ConfigDict()
-  config.experiment = 'train'   # 'train': one run (train.py); 'two_moons': the Sec. 3.1 sweep; 'digits': the 8x8 sweep
+  # 'train': one run (train.py); sweeps: 'two_moons' (Sec. 3.1), 'digits', 'fashion_mnist'; 'precompute_targets':
+  # a trained teacher's targets for Reduced MPL (`reduced`)
+  config.experiment = 'train'
   config.method = 'mpl'         # 'mpl' | 'supervised' (labeled only) | 'uda' (teacher's sup+UDA loss alone)
   config.seed = 0
 
   # ---- data -------------------------------------------------------------------------------------------------
   config.dataset = ml_collections.ConfigDict(dict(
-      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'digits' | 'two_moons'
+      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'idx' (MNIST format)
+                                # | 'digits' | 'two_moons'
       name='cifar10',           # TFDS name (source 'tfds')
-      data_dir='',              # TFDS data_dir, image-folder root, or .npz path; '' = TFDS default
+      data_dir='',              # TFDS data_dir, image-folder root, .npz path or idx directory; '' = TFDS default
       train_split='train',
       test_split='test',
       num_classes=10,
@@ -48,6 +51,8 @@ def get_base_config():
       split_seed=0,             # which examples are labeled / validation
       unlabeled_source='',      # '' = rest of train; else a TFDS name 'name[:split]' as extra unlabeled pool
       augment='cifar',          # 'cifar' (flip + pad-crop; RandAugment+Cutout strong) | 'digits' | 'imagenet' | 'none'
+      labeled_view='weak',      # the view of the labeled images outside finetuning: 'weak' | 'strong' (the paper's
+                                # RandAugment baseline, Table 3: supervised on RandAugment views)
       randaugment_num_ops=2,
       randaugment_magnitude=16,
       cutout_size=16,
@@ -86,6 +91,16 @@ def get_base_config():
       h_sign=1.0,               # +1: h = CE_old - CE_new (correct); -1: the flipped sign of released code
       baseline_rate=0.0,        # alpha of the moving-average baseline b <- b + alpha (h - b); 0 disables
       pseudo_labels='sampled',  # 'sampled' (paper) | 'argmax' (released code) | 'soft'; 'exact' always uses soft
+      teacher='network',        # 'network' | 'reduced': Reduced MPL's T_R on stored targets (App. E; `reduced`)
+  ))
+  # Reduced MPL (paper App. E; README "Reduced Meta Pseudo Labels"): a trained teacher's distributions on the
+  # unlabeled pool, precomputed once (experiment 'precompute_targets'), read by the reduced teacher T_R.
+  config.reduced = ml_collections.ConfigDict(dict(
+      teacher='',               # precompute: the trained teacher, 'W' or 'W:<network>' (model_ema, student_finetuned...)
+      targets_dir='',           # training with mpl.teacher='reduced': the precompute's --workdir
+      top_k=8,                  # ours: classes stored per image (4k+2 bytes; the rest mass spread evenly)
+      hidden_sizes=(512, 512),  # ours: T_R's ReLU MLP (App. E: "a multi-layer perceptron", size not checked here)
+      chunk_size=4096,          # precompute: images per file (the unit of resume)
   ))
   config.label_smoothing = 0.15
   config.uda = ml_collections.ConfigDict(dict(
@@ -116,11 +131,14 @@ def get_base_config():
   ))
   config.batch_norm_group_size = 0  # 0: statistics over the global batch; n: over groups of n examples
 
-  # ---- sweeps (experiments 'two_moons' and 'digits': experiments/*.py) -----------------------------------------
+  # ---- sweeps (experiments 'two_moons', 'digits' and 'fashion_mnist': experiments/*.py) -------------------------
   config.sweep = ml_collections.ConfigDict(dict(
       methods=(),               # method names of the sweep; () = every method the experiment defines
       num_seeds=10,             # runs per method; seed i picks the labeled points and initialises the networks
+      num_seeds_other=1,        # fashion_mnist: runs of the rows outside the claim (num_seeds: the claim's rows)
       plot_seed=0,              # the seed whose decision boundaries the figure draws
+      mode='run',               # fashion_mnist: 'run' | 'report' (finished runs only) | 'tune_bases'
+      bases='',                 # fashion_mnist: the JSON of tuned base settings ('tune_bases' writes it)
   ))
 
   # ---- loop -------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ topology without any TPU attached (`jax.experimental.topologies.get_topology_des
 would run can be compiled, and its memory and FLOPs read, on a laptop or a CPU-only CI machine.
 
 What is compiled is what `train.py` runs for the MPL phase, built by the same `step_builder.build_train_step`:
-`mpl.mpl_step` with the divergence guard and on-device metric sums, the state sharded by `sharding.state_shardings`
+`mpl.mpl_step` (with `mpl.teacher='reduced'`: Reduced MPL's, T_R in the teacher's place and no large teacher) with
+the divergence guard and on-device metric sums, the state sharded by `sharding.state_shardings`
 (FSDP rules), the global batch by `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the state
 and metric sums donated, on the mesh `sharding.create_mesh` builds from `config.mesh` over the topology's devices.
 Nothing is executed, and neither the input pipeline nor TensorFlow is imported.
@@ -217,7 +218,12 @@ def lower_mpl_step(config, devices):
   teacher, student = workload.model_pair(config)
   rng = jax.eval_shape(lambda: jax.random.key(config.seed))
   example_shape = workload.input_shape(config)
-  state = jax.eval_shape(lambda r: train_state.create_mpl_state(r, config, teacher, student, example_shape), rng)
+  reduced = workload.is_reduced(config)
+  if reduced:   # Reduced MPL (App. E): T_R on stored targets in the teacher's place; no large teacher in memory
+    create = lambda r: train_state.create_reduced_mpl_state(r, config, student, example_shape)
+  else:
+    create = lambda r: train_state.create_mpl_state(r, config, teacher, student, example_shape)
+  state = jax.eval_shape(create, rng)
   state_shardings = sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
   batch = workload.abstract_batch(config)
   train_step = step_builder.build_train_step(
@@ -226,7 +232,8 @@ def lower_mpl_step(config, devices):
   lowered = train_step.lower(state, batch, rng)
   info = {
       'mesh': {axis: int(size) for axis, size in mesh.shape.items()},
-      'teacher': config.model.name,
+      'teacher': (f'reduced (T_R: MLP {tuple(config.reduced.hidden_sizes)} on the top {config.reduced.top_k} '
+                  'stored classes)') if reduced else config.model.name,
       'student': workload.student_model_config(config).name,
       'dtype': config.model.dtype,
       'feedback': config.mpl.feedback,
@@ -234,7 +241,7 @@ def lower_mpl_step(config, devices):
       'batch_size': config.batch_size,
       'uda_ratio': config.uda_ratio,
       'input_shape': list(example_shape),
-      'examples_per_step': config.batch_size * (1 + 2 * config.uda_ratio),
+      'examples_per_step': config.batch_size * (1 + (1 if reduced else 2) * config.uda_ratio),
       'state_bytes': workload.tree_bytes(state),
       'state_bytes_per_device': workload.shard_bytes(state, state_shardings),
       'batch_bytes_per_device': workload.shard_bytes(batch, train_step.batch_shardings),

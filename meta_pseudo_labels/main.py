@@ -42,10 +42,12 @@ EXPERIMENTS = {
     'train': ('meta_pseudo_labels.run.train', 'train_and_evaluate'),
     'two_moons': ('meta_pseudo_labels.experiments.two_moons', 'run'),
     'digits': ('meta_pseudo_labels.experiments.digits', 'run'),
+    'fashion_mnist': ('meta_pseudo_labels.experiments.fashion_mnist', 'run'),
+    'precompute_targets': ('meta_pseudo_labels.experiments.precompute_targets', 'run'),   # Reduced MPL, App. E
 }
 # Sweeps of whole training runs: their function also takes `train_fn`, the 'train' program (program modules never
 # import one another, so main, which dispatches them all, hands it over).
-SWEEPS_OF_TRAINING_RUNS = ('digits',)
+SWEEPS_OF_TRAINING_RUNS = ('digits', 'fashion_mnist')
 
 
 def _experiment_function(name):

@@ -122,3 +122,33 @@ def test_imagenet_l2_defaults_are_the_papers_layout_and_the_plan_that_fits():
   config_validation.validate(config, 2048)
   for smaller in (imagenet.get_config('b0'), imagenet.get_config('cpu'), imagenet.get_config('l2,cpu')):
     assert (smaller.mesh.fsdp, smaller.mesh.spatial, smaller.model.remat) == (1, 1, 'none')
+
+
+def _reduced(config):
+  config.mpl.teacher = 'reduced'
+  config.uda.weight = 0.0
+  config.reduced.top_k = 2
+  config.reduced.hidden_sizes = (8,)
+  return config
+
+
+def test_reduced_mpl_step_lowers_without_the_large_teacher():
+  """Reduced MPL (App. E) through the same lowering, on this machine's CPU devices (no libtpu needed): T_R in the
+  teacher's place, the batch without the weak view, with the stored targets."""
+  import jax  # pylint: disable=g-import-not-at-top
+  full, full_info = compile_check.lower_mpl_step(small_config(), jax.devices())
+  reduced, info = compile_check.lower_mpl_step(_reduced(small_config()), jax.devices())
+  assert info['teacher'].startswith('reduced') and full_info['teacher'] == 'mlp'
+  assert info['parameters']['teacher'] == (2 * 8 + 8) + (8 * 2 + 2)   # T_R: 2 -> 8 -> 2
+  assert info['examples_per_step'] == 8 * (1 + 7) < full_info['examples_per_step']
+  assert reduced.compile() is not None and full is not None
+
+
+def test_imagenet_reduced_configs_are_valid():
+  from configs import imagenet_reduced  # pylint: disable=g-import-not-at-top
+  for arg, devices in (('', 512), ('l2', 2048)):   # B7: data parallel on 512 devices; L2: the 128 x 8 x 2 layout
+    config = imagenet_reduced.get_config(arg)
+    assert config.mpl.teacher == 'reduced' and config.uda.weight == 0
+    config_validation.validate(config, devices)
+  assert imagenet_reduced.get_config().model.name == 'efficientnet-b7'
+  assert imagenet_reduced.get_config('l2').model.remat == 'block'

@@ -1,5 +1,6 @@
 """data_sources.py and synthetic.py: each source loads what it should, and bad data gives a one-line error."""
 
+import gzip
 import os
 
 import numpy as np
@@ -180,3 +181,82 @@ def test_digits_source_is_scikit_learns_digits_with_a_fixed_test_split():
   assert np.bincount(data.test.labels).tolist() == [50, 51, 49, 51, 51, 51, 51, 50, 46, 50]
   assert data_sources.load_in_memory(_dataset_config(source='digits', num_classes=10),
                                      stored_size=16).train.images.shape == (1297, 16, 16, 3)
+
+
+# ---- MNIST-format idx files ----------------------------------------------------------------------------------
+
+def write_idx(path, array):
+  """An idx file of uint8 `array` (magic 0x0000080<ndim>, big-endian sizes), gzipped when the name ends in .gz."""
+  header = (0x800 + array.ndim).to_bytes(4, 'big') + b''.join(n.to_bytes(4, 'big') for n in array.shape)
+  with (gzip.open if str(path).endswith('.gz') else open)(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_idx_directory(root, *, num_train=12, num_test=5, gz=True, size=28):
+  """The four files of an MNIST-format release; image i of a split has grey level i + 10 * label everywhere."""
+  os.makedirs(root, exist_ok=True)
+  for split, count in (('train', num_train), ('t10k', num_test)):
+    labels = np.arange(count) % 10
+    images = np.broadcast_to((np.arange(count) + 10 * labels)[:, None, None], (count, size, size))
+    suffix = '.gz' if gz else ''
+    write_idx(os.path.join(root, f'{split}-images-idx3-ubyte{suffix}'), images)
+    write_idx(os.path.join(root, f'{split}-labels-idx1-ubyte{suffix}'), labels)
+
+
+@pytest.mark.parametrize('gz', [True, False])
+def test_idx_source_reads_the_four_files_gzipped_or_not(tmp_path, gz):
+  write_idx_directory(str(tmp_path), gz=gz)
+  train, test = data_sources.idx_splits(str(tmp_path))
+  assert train[0].shape == (12, 28, 28, 1) and train[0].dtype == np.uint8 and test[0].shape == (5, 28, 28, 1)
+  assert train[1].dtype == np.int32 and train[1].tolist() == [i % 10 for i in range(12)]
+  np.testing.assert_array_equal(train[0][:, 3, 5, 0], np.arange(12) + 10 * train[1])
+  data = _load(source='idx', data_dir=str(tmp_path))   # grey to RGB, resized to the stored size (16)
+  assert data.train.images.shape == (12, 16, 16, 3) and len(data.test) == 5
+  np.testing.assert_array_equal(data.test.images[:, 8, 8, 0], np.arange(5) + 10 * data.test.labels)
+
+
+def test_idx_errors_are_one_line(tmp_path):
+  with pytest.raises(DataError) as info:
+    _load(source='idx', data_dir=str(tmp_path / 'missing'))
+  _assert_one_line(info, 'missing', 'apt-get install dataset-fashion-mnist', '--config.dataset.source=tfds',
+                   '--config.dataset.name=fashion_mnist')
+  root = str(tmp_path / 'release')
+  write_idx_directory(root, gz=False)
+  labels = os.path.join(root, 't10k-labels-idx1-ubyte')
+  with open(labels, 'rb') as f:
+    good = f.read()
+  with open(labels, 'wb') as f:
+    f.write(good[:-2])
+  with pytest.raises(DataError) as info:
+    _load(source='idx', data_dir=root)
+  _assert_one_line(info, labels, 'truncated')
+  with open(labels, 'wb') as f:   # an image file where the labels belong
+    f.write((0x803).to_bytes(4, 'big') + good[4:])
+  with pytest.raises(DataError) as info:
+    _load(source='idx', data_dir=root)
+  _assert_one_line(info, labels, 'magic number 0x00000803, expected 0x00000801')
+  write_idx(labels, np.arange(4))   # 4 labels for 5 images
+  with pytest.raises(DataError) as info:
+    _load(source='idx', data_dir=root)
+  _assert_one_line(info, 't10k-images-idx3-ubyte holds 5 images but t10k-labels-idx1-ubyte 4 labels')
+  os.remove(labels)
+  with pytest.raises(DataError) as info:
+    _load(source='idx', data_dir=root)
+  _assert_one_line(info, 'no t10k-labels-idx1-ubyte[.gz]')
+  gz_path = str(tmp_path / 'cut.gz')
+  write_idx(gz_path, np.arange(1000))
+  with open(gz_path, 'rb') as f:
+    cut = f.read()[:-30]
+  with open(gz_path, 'wb') as f:
+    f.write(cut)
+  with pytest.raises(DataError) as info:
+    data_sources.read_idx(gz_path, num_dims=1)
+  _assert_one_line(info, gz_path, 'unreadable idx file')
+
+
+@pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason='apt package dataset-fashion-mnist not installed')
+def test_idx_source_reads_the_installed_fashion_mnist():
+  train, test = data_sources.idx_splits('/usr/share/datasets/fashion-mnist')
+  assert train[0].shape == (60000, 28, 28, 1) and test[0].shape == (10000, 28, 28, 1)
+  assert np.bincount(train[1]).tolist() == [6000] * 10 and np.bincount(test[1]).tolist() == [1000] * 10

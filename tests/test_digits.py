@@ -10,6 +10,7 @@ import pytest
 from configs import digits as digits_config
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.experiments import digits
+from meta_pseudo_labels.rundir import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -61,11 +62,11 @@ def test_main_runs_every_method_and_seed_through_the_train_program(tmp_path):
 
 def test_run_configs_set_the_method_seed_and_split():
   config = digits_config.get_config()
-  no_uda = digits.run_config(config, digits.METHODS['mpl_no_uda'], 2)
+  no_uda = sweeps.run_config(config, digits.METHODS['mpl_no_uda'], 2)
   assert (no_uda.experiment, no_uda.method, no_uda.seed, no_uda.dataset.split_seed) == ('train', 'mpl', 2, 2)
   assert no_uda.uda.weight == 0 and no_uda.mpl.pseudo_labels == 'sampled'
-  assert digits.run_config(config, digits.METHODS['mpl'], 0).uda.weight == config.uda.weight > 0
-  assert digits.run_config(config, digits.METHODS['mpl_argmax'], 0).mpl.pseudo_labels == 'argmax'
+  assert sweeps.run_config(config, digits.METHODS['mpl'], 0).uda.weight == config.uda.weight > 0
+  assert sweeps.run_config(config, digits.METHODS['mpl_argmax'], 0).mpl.pseudo_labels == 'argmax'
   assert config.dataset.augment == 'digits' and config.dataset.num_labeled == 10 * config.dataset.num_classes
 
 

@@ -71,7 +71,8 @@ def two_steps(feedback):
 
 EXPECTED_METRICS = {'teacher/loss', 'teacher/loss_sup', 'teacher/loss_uda', 'teacher/uda_weight',
                     'teacher/uda_mask_rate', 'teacher/loss_mpl', 'teacher/learning_rate', 'teacher/grad_norm',
-                    'student/loss', 'student/learning_rate', 'student/grad_norm', 'mpl/baseline'}
+                    'student/loss', 'student/learning_rate', 'student/grad_norm', 'mpl/baseline',
+                    'teacher/own_logits_grad_norm', 'mpl/feedback_logits_grad_norm'}
 EXPECTED_FEEDBACK_METRICS = {'exact': {'student/labeled_loss_after'},
                              'hard_dot': {'mpl/h', 'student/labeled_loss_after'},
                              'hard_taylor': {'mpl/h', 'student/labeled_loss_before', 'student/labeled_loss_after'},

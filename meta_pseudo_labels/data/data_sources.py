@@ -1,4 +1,5 @@
-"""Where examples come from: TFDS, an image folder, a .npz file, scikit-learn's digits or the TwoMoon generator.
+"""Where examples come from: TFDS, an image folder, a .npz file, MNIST-format idx files, scikit-learn's digits or the
+TwoMoon generator.
 
 Every source yields (image, label) pairs; `input_pipeline` does the splitting, batching and augmentation, so custom
 data goes through exactly the same pipeline as the paper's data sets, chosen by `config.dataset.source` alone.
@@ -9,6 +10,7 @@ each host has kept only its share).
 """
 
 import dataclasses
+import gzip
 import os
 
 import numpy as np
@@ -62,6 +64,9 @@ def load_in_memory(dataset_config, stored_size):
     test = _folder_arrays(dataset_config.data_dir, dataset_config.test_split, class_names, stored_size)
   elif source == 'npz':
     train, test = _npz_arrays(dataset_config.data_dir, stored_size)
+  elif source == 'idx':
+    train, test = (Arrays(_fit_images(np.repeat(images, 3, axis=-1), stored_size), labels)
+                   for images, labels in idx_splits(dataset_config.data_dir))
   elif source == 'digits':
     train, test = _digits_arrays(stored_size)
   elif source == 'two_moons':
@@ -254,6 +259,68 @@ def _fit_images(images, stored_size):
     return images
   resized = tf.data.Dataset.from_tensor_slices(images).map(lambda image: fit_image(image, stored_size))
   return np.concatenate(list(resized.batch(_LOAD_BATCH).as_numpy_iterator()))
+
+
+# ---- MNIST-format idx files -----------------------------------------------------------------------------------
+
+# The files of an MNIST-format release (MNIST, Fashion-MNIST, KMNIST, EMNIST), each optionally gzipped. Format
+# (yann.lecun.com/exdb/mnist): a big-endian header, magic 0x00000801 (labels, uint8 [N]) or 0x00000803 (images, uint8
+# [N, rows, cols]), then the N sizes, then the bytes.
+IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+             'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}   # number of dimensions -> magic number (uint8 data)
+IDX_INSTALL_HINT = ('install it with `apt-get install dataset-fashion-mnist` (files under /usr/share/datasets/'
+                    'fashion-mnist/) or read TFDS instead: --config.dataset.source=tfds '
+                    '--config.dataset.name=fashion_mnist')
+
+
+def idx_splits(directory):
+  """[(images uint8 [N, rows, cols, 1], labels int32 [N]) of the train files, the same of the test files]."""
+  if not os.path.isdir(directory):
+    raise DataError(f'dataset.data_dir: idx directory {directory!r} does not exist; {IDX_INSTALL_HINT}')
+  splits = []
+  for images_name, labels_name in IDX_FILES.values():
+    images = read_idx(_idx_path(directory, images_name), num_dims=3)
+    labels = read_idx(_idx_path(directory, labels_name), num_dims=1)
+    if len(images) != len(labels):
+      raise DataError(f'{directory}: {images_name} holds {len(images)} images but {labels_name} {len(labels)} '
+                      'labels; the two files must come from the same release')
+    splits.append((images[..., None], labels.astype(np.int32)))
+  return splits
+
+
+def _idx_path(directory, name):
+  for path in (os.path.join(directory, name), os.path.join(directory, name + '.gz')):
+    if os.path.isfile(path):
+      return path
+  raise DataError(f'{directory}: no {name}[.gz]; an idx directory holds {sum(IDX_FILES.values(), ())} '
+                  f'(gzipped or not); {IDX_INSTALL_HINT}')
+
+
+def read_idx(path, *, num_dims):
+  """The uint8 array of an idx file (gzipped if its name ends in .gz) of `num_dims` dimensions."""
+  try:
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+      data = f.read()
+  except (OSError, EOFError) as e:   # a .gz cut short raises EOFError, a corrupt one BadGzipFile (an OSError)
+    raise DataError(f'{path}: unreadable idx file ({e}); download it again') from None
+  header_size = 4 * (1 + num_dims)
+  magic = int.from_bytes(data[:4], 'big') if len(data) >= 4 else None
+  if magic != IDX_MAGIC[num_dims]:
+    found = f'0x{magic:08x}' if magic is not None else 'no header'
+    raise DataError(f'{path}: magic number {found}, expected 0x{IDX_MAGIC[num_dims]:08x} (uint8, {num_dims} '
+                    f'dimension{"s" if num_dims > 1 else ""}); not an idx {"image" if num_dims == 3 else "label"} '
+                    'file')
+  if len(data) < header_size:
+    raise DataError(f'{path}: truncated idx file ({len(data)} bytes, the header alone is {header_size}); download '
+                    'it again')
+  shape = tuple(int.from_bytes(data[4 * i:4 * i + 4], 'big') for i in range(1, 1 + num_dims))
+  expected = header_size + int(np.prod(shape))
+  if len(data) != expected:
+    state = 'truncated' if len(data) < expected else 'too long for its header'
+    raise DataError(f'{path}: {state} ({len(data)} bytes, its header\'s shape {shape} needs {expected}); '
+                    'download it again')
+  return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
 
 
 # ---- .npz -----------------------------------------------------------------------------------------------------

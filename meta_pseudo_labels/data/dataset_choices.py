@@ -5,5 +5,6 @@ live here, apart from them, so that checking a config (`config_validation`, and 
 no TensorFlow.
 """
 
-SOURCES = ('tfds', 'folder', 'npz', 'digits', 'two_moons')   # data_sources.load_in_memory; 'tfds' can also stream
+SOURCES = ('tfds', 'folder', 'npz', 'idx', 'digits', 'two_moons')   # data_sources.load_in_memory; 'tfds' can also stream
 AUGMENTATIONS = ('cifar', 'digits', 'imagenet', 'none')     # augment.weak_view / strong_view / eval_view `kind`
+LABELED_VIEWS = ('weak', 'strong')                           # input_pipeline: the labeled images' view

@@ -117,6 +117,9 @@ class _InMemoryExamples:
   def size(self, pool):
     return len(self._pools[pool])
 
+  def ids(self, pool):
+    return self._pools[pool]
+
   def _array_of(self, pool):
     return self._tensors['test' if pool == 'test' else 'train']
 
@@ -130,7 +133,7 @@ class _InMemoryExamples:
       position = _host_position(counter, rows_per_step, lo, hi)
       order_seed = tf.stack([tf.constant(key, tf.int64), position // size])
       index = indices[tf.random.experimental.index_shuffle(position % size, order_seed, size - 1)]
-      return position, tf.gather(images, index), tf.gather(labels, index)
+      return position, tf.gather(images, index), tf.gather(labels, index), index
 
     return tf.data.Dataset.range(start_step * (hi - lo), _ENDLESS).map(example, tf.data.AUTOTUNE)
 
@@ -143,7 +146,7 @@ class _InMemoryExamples:
     def example(counter):
       position = _host_position(counter, batch_size, lo, hi)
       index = indices[tf.minimum(position, size - 1)]
-      return tf.gather(images, index), tf.gather(labels, index), tf.cast(position < size, tf.float32)
+      return tf.gather(images, index), tf.gather(labels, index), tf.cast(position < size, tf.float32), index
 
     num_batches = -(-size // batch_size)
     return tf.data.Dataset.range(num_batches * (hi - lo)).map(example, tf.data.AUTOTUNE)
@@ -161,6 +164,9 @@ class _StreamingExamples:
     for code, pool in enumerate(_POOLS):
       membership[pools[pool]] = code
     self._membership = membership
+    self._ids = {pool: pools[pool] for pool in _POOLS}
+    if extra is not None:   # the extra pool's records are numbered after the training split's
+      self._ids['unlabeled'] = np.concatenate([pools['unlabeled'], train_size + np.arange(extra[2])])
     self._sizes = {pool: len(pools[pool]) for pool in _POOLS}
     self._sizes.update(test=test_size, train_labeled=len(pools['labeled']))
     if extra is not None:
@@ -169,27 +175,36 @@ class _StreamingExamples:
   def size(self, pool):
     return self._sizes[pool]
 
+  def ids(self, pool):
+    return self._ids['labeled' if pool == 'train_labeled' else pool]
+
   def _records(self, pool):
-    """The pool's (encoded image, label) records in stored order."""
+    """The pool's (index in its split, encoded image, label) records in stored order."""
     config = self._config
     if pool == 'test':
-      return data_sources.tfds_records(self._builder, config.test_split, config.data_dir, decode_images=False)
+      records = data_sources.tfds_records(self._builder, config.test_split, config.data_dir, decode_images=False)
+      return records.enumerate().map(lambda i, record: (i, *record))
     code = _POOLS.index('labeled' if pool == 'train_labeled' else pool)
     membership = tf.constant(self._membership)
     records = data_sources.tfds_records(self._builder, config.train_split, config.data_dir, decode_images=False)
-    return records.enumerate().filter(lambda i, _: membership[i] == code).map(lambda _, record: record)
+    return records.enumerate().filter(lambda i, _: membership[i] == code).map(lambda i, record: (i, *record))
 
-  def _decode(self, position, encoded, label):
-    return position, self._prepare_image(data_sources.decode_image(encoded)), label
+  def _extra_records(self):
+    """The extra unlabeled pool's (id, encoded image, -1) records, ids numbered after the training split's."""
+    builder, split, _ = self._extra
+    records = data_sources.tfds_records(builder, split, self._config.data_dir, decode_images=False)
+    return records.enumerate(start=len(self._membership)).map(
+        lambda i, record: (i, record[0], tf.constant(-1, tf.int32)))
+
+  def _decode(self, position, index, encoded, label):
+    return position, self._prepare_image(data_sources.decode_image(encoded)), label, index
 
   def train_examples(self, pool, *, start_step, rows_per_step, rows, key):
     buffer = self._config.shuffle_buffer
     stream = self._records(pool).shuffle(buffer, seed=key, reshuffle_each_iteration=True).repeat()
     if pool == 'unlabeled' and self._extra is not None:
-      builder, split, extra_size = self._extra
-      extra = data_sources.tfds_records(builder, split, self._config.data_dir, decode_images=False)
-      extra = extra.map(lambda image, _: (image, tf.constant(-1, tf.int32)))
-      extra = extra.shuffle(buffer, seed=key + 1, reshuffle_each_iteration=True).repeat()
+      extra_size = self._extra[2]
+      extra = self._extra_records().shuffle(buffer, seed=key + 1, reshuffle_each_iteration=True).repeat()
       own_size = self._sizes['unlabeled'] - extra_size
       stream = tf.data.Dataset.sample_from_datasets([stream, extra], weights=[float(own_size), float(extra_size)],
                                                     seed=key + 2)
@@ -202,14 +217,16 @@ class _StreamingExamples:
   def eval_examples(self, pool, *, batch_size, rows):
     size = self._sizes[pool]
     records = self._records(pool)
+    if pool == 'unlabeled' and self._extra is not None:
+      records = records.concatenate(self._extra_records())
     padding = -(-size // batch_size) * batch_size - size
     records = records.concatenate(records.take(1).repeat(padding))  # copies of the first example, mask 0
     lo, hi = rows
     stream = records.enumerate().filter(lambda p, _: (p % batch_size >= lo) & (p % batch_size < hi))
 
     def example(position, record):
-      _, image, label = self._decode(position, *record)
-      return image, label, tf.cast(position < size, tf.float32)
+      _, image, label, index = self._decode(position, *record)
+      return image, label, tf.cast(position < size, tf.float32), index
 
     return stream.map(example, tf.data.AUTOTUNE)
 
@@ -291,23 +308,30 @@ class Pipeline:
     options.deterministic = True
     return dataset.with_options(options).prefetch(self._config.dataset.prefetch or tf.data.AUTOTUNE)
 
-  def _labeled(self, start_step, batch_size, field, stream_name):
+  def _labeled(self, start_step, batch_size, field, stream_name, view='weak'):
     seed = self._config.seed
-    order_key, view_key = _key(seed, stream_name, 'order'), _key(seed, stream_name, 'weak')
+    order_key, view_key = _key(seed, stream_name, 'order'), _key(seed, stream_name, view)
+    view_fn = {'weak': self._views.weak, 'strong': self._views.strong}[view]
     rows = self._rows(batch_size, field)
     examples = self._examples.train_examples('labeled', start_step=start_step, rows_per_step=batch_size,
                                              rows=rows, key=order_key)
-    examples = examples.map(lambda p, image, label: (self._views.weak(image, _seed(view_key, p)), label),
+    examples = examples.map(lambda p, image, label, _: (view_fn(image, _seed(view_key, p)), label),
                             tf.data.AUTOTUNE)
     return examples.batch(rows[1] - rows[0], drop_remainder=True)
 
-  def mpl_batches(self, start_step=0):
-    """Endless MPL batches from step `start_step`: labeled_image, labeled_label, unlabeled_weak, unlabeled_strong."""
+  def unlabeled_ids(self):
+    """The unlabeled pool's example ids, in pool order: an example's index in the training split, the extra
+    `unlabeled_source` numbered after it. Stable for a given dataset config (what stored teacher targets key on)."""
+    return np.asarray(self._examples.ids('unlabeled'), np.int64)
+
+  def mpl_batches(self, start_step=0, *, with_unlabeled_index=False):
+    """Endless MPL batches from step `start_step`: labeled_image, labeled_label, unlabeled_weak, unlabeled_strong,
+    and with `with_unlabeled_index` unlabeled_index (int32: each unlabeled example's id, `unlabeled_ids`)."""
     config = self._config
     if self._examples.size('unlabeled') == 0:
       raise DataError('dataset: the unlabeled pool is empty (num_labeled + num_validation uses the whole training '
                       'split and no dataset.unlabeled_source is set)')
-    labeled = self._labeled(start_step, config.batch_size, 'batch_size', 'labeled')
+    labeled = self._labeled(start_step, config.batch_size, 'batch_size', 'labeled', config.dataset.labeled_view)
     unlabeled_rows = config.uda_ratio * config.batch_size
     rows = self._rows(unlabeled_rows, 'uda_ratio * batch_size')
     order_key = _key(config.seed, 'unlabeled', 'order')
@@ -315,18 +339,21 @@ class Pipeline:
     unlabeled = self._examples.train_examples('unlabeled', start_step=start_step, rows_per_step=unlabeled_rows,
                                               rows=rows, key=order_key)
     unlabeled = unlabeled.map(
-        lambda p, image, _: (self._views.weak(image, _seed(weak_key, p)),
-                             self._views.strong(image, _seed(strong_key, p))),
+        lambda p, image, _, index: (self._views.weak(image, _seed(weak_key, p)),
+                                    self._views.strong(image, _seed(strong_key, p)), tf.cast(index, tf.int32)),
         tf.data.AUTOTUNE).batch(rows[1] - rows[0], drop_remainder=True)
-    batches = tf.data.Dataset.zip(labeled, unlabeled).map(
-        lambda lab, unl: {'labeled_image': lab[0], 'labeled_label': lab[1],
-                          'unlabeled_weak': unl[0], 'unlabeled_strong': unl[1]})
+
+    def batch(lab, unl):
+      batch = {'labeled_image': lab[0], 'labeled_label': lab[1], 'unlabeled_weak': unl[0], 'unlabeled_strong': unl[1]}
+      return dict(batch, unlabeled_index=unl[2]) if with_unlabeled_index else batch
+    batches = tf.data.Dataset.zip(labeled, unlabeled).map(batch)
     return self._finish(batches).as_numpy_iterator()
 
-  def labeled_batches(self, start_step=0, batch_size=None):
-    """Endless labeled-only batches (weak view) for finetuning; batch_size defaults to finetune.batch_size."""
+  def labeled_batches(self, start_step=0, batch_size=None, view='weak'):
+    """Endless labeled-only batches (the supervised baseline, finetuning); batch_size defaults to
+    finetune.batch_size, `view` 'weak' or 'strong' (the RandAugment baseline: `dataset.labeled_view`)."""
     batch_size = batch_size or self._config.finetune.batch_size
-    labeled = self._labeled(start_step, batch_size, 'finetune.batch_size', 'finetune')
+    labeled = self._labeled(start_step, batch_size, 'finetune.batch_size', 'finetune', view)
     batches = labeled.map(lambda image, label: {'labeled_image': image, 'labeled_label': label})
     return self._finish(batches).as_numpy_iterator()
 
@@ -346,6 +373,17 @@ class Pipeline:
     examples = self._examples.eval_examples(split, batch_size=batch_size, rows=rows).enumerate()
     batches = examples.map(lambda p, example: {'image': view_fn(example[0], _seed(key, p)), 'label': example[1],
                                                'mask': example[2]}, tf.data.AUTOTUNE)
+    return self._finish(batches.batch(rows[1] - rows[0], drop_remainder=True)).as_numpy_iterator()
+
+  def unlabeled_eval_batches(self, batch_size):
+    """One pass over the unlabeled pool in pool order, without augmentation (what a teacher's stored targets are
+    computed on): image, index (the example's id, `unlabeled_ids`), mask (0: padding of the last batch).
+
+    Host i of n gets rows [i B/n, (i+1) B/n) of every global batch of B, as `eval_batches`."""
+    rows = self._rows(batch_size, 'reduced.chunk_size')
+    examples = self._examples.eval_examples('unlabeled', batch_size=batch_size, rows=rows)
+    batches = examples.map(lambda image, _, mask, index: {'image': self._views.eval(image), 'index': index,
+                                                          'mask': mask}, tf.data.AUTOTUNE)
     return self._finish(batches.batch(rows[1] - rows[0], drop_remainder=True)).as_numpy_iterator()
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels import models
+from meta_pseudo_labels.models import reduced_teacher
 
 
 def student_model_config(config):
@@ -40,18 +41,29 @@ def input_shape(config) -> tuple[int, ...]:
   return (config.dataset.image_size, config.dataset.image_size, 3)
 
 
+def is_reduced(config) -> bool:
+  """Reduced MPL (App. E): the teacher is T_R on stored targets (`mpl.teacher='reduced'`)."""
+  return config.method == 'mpl' and getattr(config.mpl, 'teacher', 'network') == 'reduced'
+
+
 def synthetic_batch(config, seed: int = 0) -> dict[str, jax.Array]:
   """A global MPL batch of the config's shapes (what `input_pipeline` yields summed over hosts), random values:
-  B labeled examples and two views of mu B unlabeled ones."""
+  B labeled examples and two views of mu B unlabeled ones; for Reduced MPL the strong view and the stored targets
+  of the large teacher (`reduced.top_k` classes per example; the batch `teacher_targets.joined_batches` makes)."""
   labeled, unlabeled = config.batch_size, config.batch_size * config.uda_ratio
   shape = input_shape(config)
-  keys = jax.random.split(jax.random.key(seed), 4)
-  return {
+  keys = jax.random.split(jax.random.key(seed), 5)
+  batch = {
       'labeled_image': jax.random.normal(keys[0], (labeled, *shape), jnp.float32),
       'labeled_label': jax.random.randint(keys[1], (labeled,), 0, config.dataset.num_classes, jnp.int32),
       'unlabeled_weak': jax.random.normal(keys[2], (unlabeled, *shape), jnp.float32),
       'unlabeled_strong': jax.random.normal(keys[3], (unlabeled, *shape), jnp.float32),
   }
+  if is_reduced(config):
+    del batch['unlabeled_weak']
+    logits = jax.random.normal(keys[4], (unlabeled, config.dataset.num_classes), jnp.float32)
+    batch['unlabeled_targets'] = reduced_teacher.top_k_targets(logits, config.reduced.top_k)
+  return batch
 
 
 def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:

@@ -2,9 +2,10 @@
 
 Each (method, seed) is one complete `train.train_and_evaluate` run (the program a user runs: input pipeline with
 the digits augmentations, jitted steps, EMA, finetuning, validation and test evaluation) in its own directory
-WORKDIR/<method>/seed_<i>; rerunning the command resumes or reuses the finished runs. Seed i sets both
-`config.seed` (initialisation, batch order, augmentations) and `dataset.split_seed` (which 10 images per class are
-labeled, which 200 validate); the test split is fixed (data_sources.py).
+WORKDIR/<method>/seed_<i>; rerunning the command resumes the unfinished runs and reads the finished ones back
+(rundir/sweeps.py). Seed i sets both `config.seed` (initialisation, batch order, augmentations) and
+`dataset.split_seed` (which 10 images per class are labeled, which 200 validate); the test split is fixed
+(data_sources.py).
 
 Main (`config.experiment='digits'`) hands this module the one-run program as `train_fn`: program modules never
 import one another.
@@ -17,52 +18,29 @@ Writes to the workdir: `digits_results.json` (per method and seed: every model's
 validation curve), `digits_table.md` and `digits_validation.png` (validation top-1 against steps, mean over seeds).
 """
 
-import dataclasses
 import os
 import time
-from typing import Any
-
-from absl import logging
-import jax
-import numpy as np
 
 from meta_pseudo_labels import errors
+from meta_pseudo_labels.rundir import sweeps
+from meta_pseudo_labels.rundir.sweeps import Row
 from meta_pseudo_labels.rundir import reporting
 
 RESULTS_FILE = 'digits_results.json'
 TABLE_FILE = 'digits_table.md'
 FIGURE_FILE = 'digits_validation.png'
 
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """One row of the table: `config.method`, the `config.mpl` fields it sets, UDA in the teacher or not."""
-  description: str
-  method: str                                  # config.method: 'supervised' | 'uda' | 'mpl'
-  mpl_fields: tuple[tuple[str, Any], ...] = ()
-  uda: bool = True                             # False: uda.weight = 0
-
-  @property
-  def reported_model(self):
-    return 'student_finetuned' if self.method == 'mpl' else 'model_ema'
-
-  @property
-  def curve_model(self):
-    """The network whose validation accuracy the figure draws (evaluated during the main phase)."""
-    return 'student_ema' if self.method == 'mpl' else 'model_ema'
-
-
+_HARD_SAMPLED = (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'sampled'))
+_NO_UDA = (('uda.weight', 0.0),)
 METHODS = {
-    'supervised': Method('labeled images only', 'supervised', uda=False),
-    'uda': Method('the MPL teacher alone: labeled loss + UDA', 'uda'),
-    'mpl': Method('MPL (paper): sampled hard labels, hard_taylor, UDA teacher', 'mpl',
-                  (('feedback', 'hard_taylor'), ('pseudo_labels', 'sampled'))),
-    'mpl_exact': Method('MPL, soft labels, meta-gradient through the student step', 'mpl',
-                        (('feedback', 'exact'), ('pseudo_labels', 'soft'))),
-    'mpl_argmax': Method('ablation: argmax hard labels (released code)', 'mpl',
-                         (('feedback', 'hard_taylor'), ('pseudo_labels', 'argmax'))),
-    'mpl_no_uda': Method('ablation: MPL without UDA in the teacher', 'mpl',
-                         (('feedback', 'hard_taylor'), ('pseudo_labels', 'sampled')), uda=False),
+    'supervised': Row('labeled images only', 'supervised', _NO_UDA),
+    'uda': Row('the MPL teacher alone: labeled loss + UDA', 'uda'),
+    'mpl': Row('MPL (paper): sampled hard labels, hard_taylor, UDA teacher', 'mpl', _HARD_SAMPLED),
+    'mpl_exact': Row('MPL, soft labels, meta-gradient through the student step', 'mpl',
+                     (('mpl.feedback', 'exact'), ('mpl.pseudo_labels', 'soft'))),
+    'mpl_argmax': Row('ablation: argmax hard labels (released code)', 'mpl',
+                      (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'argmax'))),
+    'mpl_no_uda': Row('ablation: MPL without UDA in the teacher', 'mpl', _HARD_SAMPLED + _NO_UDA),
 }
 
 
@@ -77,60 +55,6 @@ def method_names(config):
   return names
 
 
-def run_config(config, method, seed):
-  """The one-run config of `method` and `seed`: a resolved copy of `config`, run by the train program."""
-  run = config.copy_and_resolve_references()
-  run.experiment = 'train'
-  run.method = method.method
-  run.seed = seed
-  run.dataset.split_seed = seed
-  for field, value in method.mpl_fields:
-    setattr(run.mpl, field, value)
-  if not method.uda:
-    run.uda.weight = 0.0
-  return run
-
-
-def _summary(values):
-  values = np.asarray(values, np.float64)
-  return {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-
-
-def _one_run(config, name, seed, workdir, train_fn):
-  """Trains (or resumes) one run; returns its final top-1 per split and model, and its validation curve."""
-  method = METHODS[name]
-  run_dir = os.path.join(workdir, name, f'seed_{seed}')
-  start = time.time()
-  results = train_fn(run_config(config, method, seed), run_dir)
-  tag = f'validation/{method.curve_model}/top1'
-  curve = reporting.read_scalars(os.path.join(run_dir, 'tensorboard'), [tag])[tag]
-  top1 = {split: {model: values['top1'] for model, values in per_model.items()}
-          for split, per_model in results['final'].items()}
-  logging.info('digits: %s seed %d: test top-1 %.2f %% (%s), %.0f s', name, seed,
-               100 * top1['test'][method.reported_model], method.reported_model, time.time() - start)
-  return {'top1': top1, 'validation_curve': curve, 'workdir': run_dir, 'wall_time_s': time.time() - start}
-
-
-def _method_result(config, name, seeds, workdir, train_fn):
-  method = METHODS[name]
-  runs = [_one_run(config, name, seed, workdir, train_fn) for seed in seeds]
-  test = {model: [run['top1']['test'][model] for run in runs] for model in runs[0]['top1']['test']}
-  return {
-      'description': method.description,
-      'config_method': method.method,
-      'config_mpl': dict(method.mpl_fields),
-      'uda_in_teacher': method.uda,
-      'reported_model': method.reported_model,
-      'test_top1': {model: {'per_seed': values, **_summary(values)} for model, values in test.items()},
-      'runs': runs,
-  }
-
-
-def _cell(result, model):
-  values = result['test_top1'].get(model)
-  return f"{100 * values['mean']:.1f} ± {100 * values['std']:.1f}" if values else '-'
-
-
 def format_table(results, names):
   """Markdown: test top-1 (%) mean ± std over seeds of the reported model; MPL's other networks beside it."""
   lines = ['| method | test top-1 (%) | per seed | reported model | MPL teacher | MPL student | MPL EMA student | '
@@ -139,56 +63,31 @@ def format_table(results, names):
     result = results[name]
     reported = result['reported_model']
     per_seed = ', '.join(f'{100 * v:.1f}' for v in result['test_top1'][reported]['per_seed'])
-    lines.append(f"| {name} | {_cell(result, reported)} | {per_seed} | {reported} | {_cell(result, 'teacher')} | "
-                 f"{_cell(result, 'student')} | {_cell(result, 'student_ema')} | {result['description']} |")
+    lines.append(f"| {name} | {sweeps.cell(result, reported)} | {per_seed} | {reported} | "
+                 f"{sweeps.cell(result, 'teacher')} | {sweeps.cell(result, 'student')} | "
+                 f"{sweeps.cell(result, 'student_ema')} | {result['description']} |")
   return '\n'.join(lines) + '\n'
-
-
-def plot_validation(path, results, names, num_steps):
-  """Validation top-1 against steps per method: the mean over seeds, the band from the lowest to the highest."""
-  import matplotlib   # pylint: disable=g-import-not-at-top  # only the figure needs matplotlib
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt   # pylint: disable=g-import-not-at-top
-
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  for name in names:
-    curves = [run['validation_curve'] for run in results[name]['runs']]
-    steps = sorted(set.intersection(*[{step for step, _ in curve} for curve in curves]))
-    if not steps:
-      continue
-    values = np.array([[dict(curve)[step] for step in steps] for curve in curves]) * 100
-    line, = axis.plot(steps, values.mean(axis=0), marker='.', label=f'{name} ({METHODS[name].curve_model})')
-    axis.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
-  axis.set_xlim(0, num_steps)
-  axis.set_xlabel('training step')
-  axis.set_ylabel('validation top-1 (%)')
-  axis.set_title(f'digits (8x8, 10 labels per class): mean over {len(results[names[0]]["runs"])} seeds, min-max band',
-                 fontsize=9)
-  axis.grid(alpha=0.3)
-  axis.legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=90)
-  plt.close(figure)
-
-
-def _share_compilations(workdir):
-  """Seeds of one method compile the same programs: a persistent XLA cache (unless one is set) compiles them once."""
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
 
 
 def run(config, workdir, *, train_fn):
   """Runs every method of the sweep for every seed with `train_fn(config, workdir)`; writes and prints the table."""
   start = time.time()
   names = method_names(config)
-  _share_compilations(workdir)
+  sweeps.share_compilations(workdir)
   seeds = list(range(config.sweep.num_seeds))
-  results = {name: _method_result(config, name, seeds, workdir, train_fn) for name in names}
+  results = {}
+  for name in names:
+    runs = [sweeps.one_run(sweeps.run_config(config, METHODS[name], seed), METHODS[name],
+                               os.path.join(workdir, name, f'seed_{seed}'), train_fn) for seed in seeds]
+    results[name] = sweeps.row_result(METHODS[name], runs)
   os.makedirs(workdir, exist_ok=True)
   paths = {key: os.path.join(workdir, file) for key, file in
            (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}
   table = format_table(results, names)
-  plot_validation(paths['figure'], results, names, config.num_train_steps)
+  curves = {f'{name} ({METHODS[name].curve_model})': [r['validation_curve'] for r in results[name]['runs']]
+            for name in names}
+  sweeps.plot_validation(paths['figure'], curves, config.num_train_steps,
+                             f'digits (8x8, 10 labels per class): mean over {len(seeds)} seeds, min-max band')
   wall_time = time.time() - start
   return reporting.write_sweep_results(
       config, paths, table, {'experiment': 'digits', 'seeds': seeds, 'methods': results, 'wall_time_s': wall_time},

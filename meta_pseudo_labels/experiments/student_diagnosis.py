@@ -1,6 +1,6 @@
 r"""Why an MPL student ends below its teacher: measurements on a finished MPL run (issue 12), no training.
 
-    python -m meta_pseudo_labels.experiments.student_diagnosis --workdir=RUN_DIR
+    python -m meta_pseudo_labels.experiments.student_diagnosis --workdir=RUN_DIR [--output_json=FILE]
 
 RUN_DIR is the workdir of a `train` run of method 'mpl' (e.g. WORKDIR/mpl/seed_0 of the digits sweep). From the MPL
 phase's newest checkpoint it prints test top-1 of the teacher, the student and the EMA student
@@ -9,6 +9,10 @@ phase's newest checkpoint it prints test top-1 of the teacher, the student and t
   strong views (mpl.student_gradient; the x_l forwards of h discard theirs);
 - with every BatchNorm's statistics re-estimated on clean training images (the labeled and validation pools'
   pixels, one batch, labels unused): a large gain means the stored statistics, not the weights, cost accuracy;
+- with them re-estimated on strong views of the same images: what the student's weights, trained on strong views
+  alone, do with statistics of the kind they were trained under. Finetuning (lr 1e-5) changes the weights little
+  and replaces the statistics with those of weak labeled views, so clean against strong here is what finetuning
+  can cost or gain through BatchNorm alone;
 
 and, on the clean, weak and strong views of the validation images, the teacher's top-1 and its mean probability of
 the true class: how often an argmax or a sampled label, what the student learns from on x_s, is right.
@@ -30,6 +34,8 @@ from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a finished MPL run (holds config.json, checkpoints/mpl).')
+_OUTPUT_JSON = flags.DEFINE_string('output_json', '', 'Also write the measurements to this JSON file (the '
+                                   'Fashion-MNIST sweep keeps them beside each MPL run).')
 
 
 def _top1(apply_fn, variables, batches):
@@ -69,6 +75,8 @@ def _recalibrated(model_config, num_classes, variables, images):
 
 
 def diagnose(workdir):
+  """Prints the measurements (see the module docstring) and returns them: {'step', 'test_top1': {network: {
+  'as_trained', 'bn_clean', 'bn_strong'}}, 'teacher_on_validation': {view: {'top1', 'p_true_class'}}}."""
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   pipeline = input_pipeline.create(config)
@@ -78,28 +86,37 @@ def diagnose(workdir):
   student_model = models.create_model(student_config, num_classes)
   state, step = _restore_mpl_state(config, workdir, teacher_model, student_model, pipeline.input_shape)
   test = list(pipeline.eval_batches('test'))
-  clean = jnp.concatenate([b['image'][b['mask'] > 0] for split in ('train_labeled', 'validation')
-                           for b in pipeline.eval_batches(split)])
+  clean, strong = (jnp.concatenate([b['image'][b['mask'] > 0] for split in ('train_labeled', 'validation')
+                                    for b in pipeline.eval_batches(split, view=view)]) for view in ('eval', 'strong'))
   networks = {'teacher': (teacher_model, config.model, state.teacher.variables),
               'student': (student_model, student_config, state.student.variables),
               'student_ema': (student_model, student_config, state.student_ema)}
+  measured = {'step': int(step), 'test_top1': {}, 'teacher_on_validation': {}}
   print(f'{workdir}: MPL step {step}; BatchNorm statistics re-estimated on {len(clean)} clean training images')
-  print(f'{"network":<12} {"test top-1 as trained":>22} {"re-estimated BN":>16}')
+  print(f'{"network":<12} {"test top-1 as trained":>22} {"BN from clean":>14} {"BN from strong views":>21}')
   for name, (model, model_config, variables) in networks.items():
-    as_trained = _top1(model.apply, variables, test)
-    recalibrated = _top1(model.apply, _recalibrated(model_config, num_classes, variables, clean), test)
-    print(f'{name:<12} {100 * as_trained:>21.2f}% {100 * recalibrated:>15.2f}%')
+    top1 = {'as_trained': _top1(model.apply, variables, test)}
+    for key, images in (('bn_clean', clean), ('bn_strong', strong)):
+      top1[key] = _top1(model.apply, _recalibrated(model_config, num_classes, variables, images), test)
+    measured['test_top1'][name] = top1
+    print(f"{name:<12} {100 * top1['as_trained']:>21.2f}% {100 * top1['bn_clean']:>13.2f}% "
+          f"{100 * top1['bn_strong']:>20.2f}%")
   for view in ('eval', 'weak', 'strong'):
     batches = list(pipeline.eval_batches('validation', view=view))
     accuracy = _top1(teacher_model.apply, state.teacher.variables, batches)
     sampled = _true_class_probability(teacher_model.apply, state.teacher.variables, batches)
+    measured['teacher_on_validation'][view] = {'top1': accuracy, 'p_true_class': sampled}
     print(f'teacher on the {view} views of the validation images: top-1 (an argmax label is right) '
           f'{100 * accuracy:.2f}%, mean p(true class) (a sampled label is right) {100 * sampled:.2f}%')
+  return measured
 
 
 def main(argv):
   del argv
-  diagnose(_WORKDIR.value)
+  measured = diagnose(_WORKDIR.value)
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, 'w') as f:
+      json.dump(measured, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -6,13 +6,16 @@ Every step is `(state, batch, rng, *, hparams) -> (state, metrics)`: no Python s
 
 `mpl_step` is MPL_SPEC.md's "One MPL step": (1) one teacher forward on [x_l; x_w; x_s], (2) the teacher's own
 loss, (3) pseudo labels, (4) the student's update on them, (5) the teacher's feedback and its single backward
-pass, (6) the student's EMA. Steps 3-5 depend on the feedback mode, one function per mode (`FEEDBACK`), each
-returning the same `Feedback`:
+pass, (6) the student's EMA. Steps 1-2 and the backward of 5 are the teacher's pass, one function per kind of
+teacher (`TEACHER_PASSES`, chosen by `mpl.teacher`): 'network', the teacher network on the images, or 'reduced',
+Reduced MPL's T_R on the large teacher's stored distributions for x_s (App. E; models/reduced_teacher.py), which
+has no image forward and no loss of its own. Everything else is shared.
+Steps 3-5 depend on the feedback mode, one function per mode (`FEEDBACK`), each returning the same `Feedback`:
   exact        L_mpl(theta_T) = CE(y_l, S(x_l; theta_S - eta_S grad_S CE_eps(softmax(T(x_s)), S(x_s)))),
                differentiated straight through the student's SGD step (second order; soft pseudo labels).
   hard_dot     h = <grad CE(y_l, S(x_l; theta_S')), theta_S - theta_S'>,  L_mpl = sg(h - b) CE(y_hat, T(x_s)).
   hard_taylor  h = CE(y_l, S(x_l; theta_S)) - CE(y_l, S(x_l; theta_S')),  same L_mpl.
-  none         L_mpl = 0: a UDA teacher distilled into the student.
+  none         L_mpl = 0: a UDA teacher distilled into the student (reduced: T's fixed targets distilled, the control).
 
 Pseudo labels (`pseudo_labels`, the student's targets in every mode but exact):
   sampled      y_hat ~ Categorical(softmax(T(x_s))): the paper's (Sec. 2, "Practical approximation"). Then
@@ -40,6 +43,7 @@ from meta_pseudo_labels import errors
 from meta_pseudo_labels.method import losses
 
 FEEDBACK_MODES = ('exact', 'hard_dot', 'hard_taylor', 'none')
+TEACHERS = ('network', 'reduced')
 PSEUDO_LABELS = ('sampled', 'argmax', 'soft')
 HARD_PSEUDO_LABELS = ('sampled', 'argmax')
 RENAMED_PSEUDO_LABELS = {'hard': 'argmax'}   # old value -> its name now (refused with a one-line error)
@@ -97,6 +101,7 @@ class MplHparams:
   label_smoothing: float = 0.0
   uda: UdaHparams = UdaHparams()
   ema_decay: float = 0.0
+  teacher: str = 'network'       # 'network': the teacher on images; 'reduced': T_R on stored targets (App. E)
 
   @classmethod
   def from_config(cls, config):
@@ -104,9 +109,14 @@ class MplHparams:
     return cls(feedback=config.mpl.feedback, h_sign=float(config.mpl.h_sign),
                baseline_rate=float(config.mpl.baseline_rate), pseudo_labels=config.mpl.pseudo_labels,
                label_smoothing=float(config.label_smoothing), uda=UdaHparams.from_config(config.uda),
-               ema_decay=float(config.ema_decay))
+               ema_decay=float(config.ema_decay), teacher=getattr(config.mpl, 'teacher', 'network'))
 
   def __post_init__(self):
+    if self.teacher not in TEACHERS:
+      raise errors.ConfigError(f'mpl.teacher: unknown {self.teacher!r}; choose one of {list(TEACHERS)}')
+    if self.teacher == 'reduced' and self.uda.weight:
+      raise errors.ConfigError('uda.weight: the reduced teacher reads stored targets, not image views, so it has no '
+                               'UDA loss; set uda.weight=0 or mpl.teacher=network')
     if self.feedback not in FEEDBACK_MODES:
       raise errors.ConfigError(f'mpl.feedback: unknown mode {self.feedback!r}; choose one of '
                                f'{list(FEEDBACK_MODES)}')
@@ -165,15 +175,21 @@ def step_keys(rng, step):
 
 
 class MplBatch(NamedTuple):
-  """A labeled batch (x_l, y_l) and two views of an unlabeled one (x_w weak, x_s strong)."""
+  """A labeled batch (x_l, y_l) and two views of an unlabeled one (x_w weak, x_s strong).
+
+  Reduced MPL's batches carry no weak view and add the large teacher's stored targets for x_s (a dict of
+  `reduced_teacher.TARGET_KEYS`, joined by example id in trained/teacher_targets.py).
+  """
   x_labeled: jax.Array
   y_labeled: jax.Array
-  x_weak: jax.Array
+  x_weak: jax.Array | None
   x_strong: jax.Array
+  targets_strong: dict | None = None
 
   @classmethod
   def from_dict(cls, batch):
-    return cls(batch['labeled_image'], batch['labeled_label'], batch['unlabeled_weak'], batch['unlabeled_strong'])
+    return cls(batch['labeled_image'], batch['labeled_label'], batch.get('unlabeled_weak'),
+               batch['unlabeled_strong'], batch.get('unlabeled_targets'))
 
 
 # ---- building blocks: `network` is a train_state.NetworkState (anything with apply_fn, params, batch_stats) ----
@@ -354,44 +370,85 @@ FEEDBACK = {
 # ---- steps --------------------------------------------------------------------------------------------------
 
 
-def mpl_step(state, batch, rng, *, hparams: MplHparams):
-  """One MPL step: teacher and student update each other once (MPL_SPEC.md 'One MPL step')."""
-  teacher, student, step = state.teacher, state.student, state.step
-  keys = step_keys(rng, step)
-  batch = MplBatch.from_dict(batch)
+class TeacherPass(NamedTuple):
+  """The teacher's side of one MPL step: its forward, its own loss, and its backward pass waiting for the feedback."""
+  logits_strong: jax.Array      # the teacher's logits on x_s: what the pseudo labels and the feedback read
+  own_loss: jax.Array           # L_sup + w(t) L_uda (0 for the reduced teacher)
+  own_metrics: dict
+  own_logits_grad_norm: jax.Array   # |d own_loss / d logits|: what the feedback is measured against
+  backward: Any                 # d L_mpl / d logits_strong -> the gradient of own loss + L_mpl w.r.t. the params
+  batch_stats: Any              # the statistics of the forward pass
+
+
+def network_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams: MplHparams) -> TeacherPass:
+  """The teacher network: one forward on [x_l; x_w; x_s] (its vjp kept for one backward pass), its own loss
+  L_sup + w(t) L_uda and that loss's gradient w.r.t. the logits."""
   sizes = (batch.x_labeled.shape[0], batch.x_weak.shape[0], batch.x_strong.shape[0])
 
-  # 1. One teacher forward on [x_l; x_w; x_s]; its backward waits for the feedback.
-  def teacher_forward(params):
+  def forward(params):
     return apply_train(teacher.apply_fn, params, teacher.batch_stats,
                        jnp.concatenate([batch.x_labeled, batch.x_weak, batch.x_strong]), keys.teacher)
-  teacher_logits, teacher_vjp, teacher_batch_stats = jax.vjp(teacher_forward, teacher.params, has_aux=True)
+  logits, vjp, batch_stats = jax.vjp(forward, teacher.params, has_aux=True)
 
-  # 2. The teacher's own loss L_sup + w(t) L_uda, and its gradient w.r.t. the logits.
   def own_loss_fn(logits):
     labeled, weak, strong = jnp.split(logits, _offsets(sizes))
     return teacher_own_loss(labeled, batch.y_labeled, weak, strong, step, hparams.label_smoothing, hparams.uda)
-  (own_loss, own_metrics), own_logits_grad = jax.value_and_grad(own_loss_fn, has_aux=True)(teacher_logits)
+  (own_loss, own_metrics), own_logits_grad = jax.value_and_grad(own_loss_fn, has_aux=True)(logits)
+
+  strong_start = sizes[0] + sizes[1]
+  def backward(strong_logits_grad):
+    (grads,) = vjp(own_logits_grad.at[strong_start:].add(strong_logits_grad))
+    return grads
+  return TeacherPass(logits[strong_start:], own_loss, own_metrics, optax.global_norm(own_logits_grad), backward,
+                     batch_stats)
+
+
+def reduced_teacher_pass(teacher, batch: MplBatch, keys: StepKeys, step, hparams: MplHparams) -> TeacherPass:
+  """Reduced MPL's T_R (App. E; models/reduced_teacher.py) on the large teacher's stored targets for x_s: no image
+  forward, no UDA (there are no views), no supervised loss of its own (ours: App. E trains T_R by the feedback; its
+  residual form starts it at T's distribution). Its update is the feedback's gradient alone."""
+  del step, hparams
+  def forward(params):
+    return apply_train(teacher.apply_fn, params, teacher.batch_stats, batch.targets_strong, keys.teacher)
+  logits, vjp, batch_stats = jax.vjp(forward, teacher.params, has_aux=True)
+  backward = lambda strong_logits_grad: vjp(strong_logits_grad)[0]
+  return TeacherPass(logits, jnp.zeros((), jnp.float32), {}, jnp.zeros((), jnp.float32), backward, batch_stats)
+
+
+TEACHER_PASSES = {'network': network_teacher_pass, 'reduced': reduced_teacher_pass}
+
+
+def mpl_step(state, batch, rng, *, hparams: MplHparams):
+  """One MPL step: teacher and student update each other once (MPL_SPEC.md 'One MPL step'); the teacher is the
+  network or Reduced MPL's T_R, by `hparams.teacher` (`TEACHER_PASSES`)."""
+  teacher, student, step = state.teacher, state.student, state.step
+  keys = step_keys(rng, step)
+  batch = MplBatch.from_dict(batch)
+
+  # 1-2. The teacher's forward and its own loss; its backward waits for the feedback.
+  teacher_pass = TEACHER_PASSES[hparams.teacher](teacher, batch, keys, step, hparams)
 
   # 3-5. Pseudo labels, the student's update on them, and the student's feedback to the teacher.
-  logits_strong = teacher_logits[sizes[0] + sizes[1]:]
-  feedback = FEEDBACK[hparams.feedback](FeedbackInputs(student, logits_strong, batch, keys, step,
+  feedback = FEEDBACK[hparams.feedback](FeedbackInputs(student, teacher_pass.logits_strong, batch, keys, step,
                                                        state.mpl_baseline, hparams))
 
   # 5. The teacher's single backward pass, on the sum of both logit gradients, and its update.
-  logits_grad = own_logits_grad.at[sizes[0] + sizes[1]:].add(feedback.logits_grad)
-  (teacher_grads,) = teacher_vjp(logits_grad)
-  new_teacher = teacher.apply_gradients(teacher_grads, teacher_batch_stats, step)
+  teacher_grads = teacher_pass.backward(feedback.logits_grad)
+  new_teacher = teacher.apply_gradients(teacher_grads, teacher_pass.batch_stats, step)
   # 6. EMA of the student.
   student_ema = ema_update(state.student_ema, feedback.new_student.variables, step, hparams.ema_decay)
 
-  metrics = {f'teacher/{name}': value for name, value in own_metrics.items()}
+  metrics = {f'teacher/{name}': value for name, value in teacher_pass.own_metrics.items()}
   metrics.update(feedback.metrics)
   metrics.update({
-      'teacher/loss': own_loss + feedback.loss_mpl,
+      'teacher/loss': teacher_pass.own_loss + feedback.loss_mpl,
       'teacher/loss_mpl': feedback.loss_mpl,
       'teacher/learning_rate': teacher.learning_rate_fn(step),
       'teacher/grad_norm': optax.global_norm(teacher_grads),
+      # The two parts of the teacher's gradient at its logits: how large the student's feedback is against the
+      # teacher's own loss (a feedback orders of magnitude smaller cannot move the teacher).
+      'teacher/own_logits_grad_norm': teacher_pass.own_logits_grad_norm,
+      'mpl/feedback_logits_grad_norm': optax.global_norm(feedback.logits_grad),
       'student/loss': feedback.student_gradient.loss,
       'student/learning_rate': student.learning_rate_fn(step),
       'student/grad_norm': optax.global_norm(feedback.student_gradient.grads),

@@ -113,6 +113,7 @@ def validate(config, num_devices):
   # Data.
   _choice(config, 'dataset.source', dataset_choices.SOURCES)
   _choice(config, 'dataset.augment', dataset_choices.AUGMENTATIONS)
+  _choice(config, 'dataset.labeled_view', dataset_choices.LABELED_VIEWS)
   num_classes = _integer(config, 'dataset.num_classes', 2)
   if config.dataset.source != 'two_moons':
     _augmentation(config, _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE))
@@ -123,9 +124,10 @@ def validate(config, num_devices):
   _integer(config, 'dataset.num_validation', 0)
   if _get(config, 'dataset.num_unlabeled') != -1:
     _integer(config, 'dataset.num_unlabeled', 1)
-  if config.dataset.source in ('folder', 'npz') and not config.dataset.data_dir:
+  if config.dataset.source in ('folder', 'npz', 'idx') and not config.dataset.data_dir:
     raise errors.ConfigError(f'dataset.data_dir: source {config.dataset.source!r} needs a path '
-                             '(an image-folder root or an .npz file); set --config.dataset.data_dir=PATH')
+                             '(an image-folder root, an .npz file or an idx directory); set '
+                             '--config.dataset.data_dir=PATH')
 
   # Models.
   _model(config, 'model')
@@ -165,6 +167,16 @@ def validate(config, num_devices):
   _optimizer(config, 'student_optimizer')
   _optimizer(config, 'finetune.optimizer')
   mpl.MplHparams.from_config(config)   # the MPL fields' ranges and combinations (module docstring)
+  if method == 'mpl' and config.mpl.teacher == 'reduced':
+    # Reduced MPL (App. E): T_R on a trained teacher's stored targets (reduced.targets_dir: trained/teacher_targets.py
+    # checks them when the run starts; compile_check needs none).
+    if config.teacher_init:
+      raise errors.ConfigError('teacher_init: the reduced teacher T_R starts at the identity on the stored targets; '
+                               'the trained teacher goes into reduced.teacher of the precompute, not here')
+    _integer(config, 'reduced.top_k', 1)
+    if any(not isinstance(size, int) or size < 1 for size in config.reduced.hidden_sizes):
+      raise errors.ConfigError(f'reduced.hidden_sizes: {tuple(config.reduced.hidden_sizes)}; need positive integers '
+                               '(() is allowed: T_R is then a residual linear map)')
   wait_steps, num_train_steps = config.student_optimizer.wait_steps, config.num_train_steps
   if method == 'mpl' and wait_steps >= num_train_steps:
     raise errors.ConfigError(f'student_optimizer.wait_steps: the student waits {wait_steps} steps at lr 0 but the run '

@@ -2,7 +2,9 @@
 
 `train_and_evaluate(config, workdir)` runs, by `config.method`:
 - 'mpl': the MPL phase (teacher and student, `num_train_steps`, Pham et al. Sec. 2-3), then the student's
-  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). Finetuning starts from the EMA student, the
+  finetuning on labeled data alone (`finetune.num_steps`, Sec. 3.2). With `mpl.teacher='reduced'` (Reduced MPL,
+  App. E) the teacher is T_R on a trained teacher's stored targets (`reduced.targets_dir`, joined to the unlabeled
+  batches by example id: trained/teacher_targets.py); the rest is the same. Finetuning starts from the EMA student, the
   network the MPL phase evaluates and selects (App. C: the EMA student is the one reported), with a fresh optimizer.
 - 'supervised' (labeled batches only) and 'uda' (the teacher's supervised + UDA loss alone): one phase of
   `mpl.supervised_step` with the teacher's optimizer.
@@ -56,6 +58,7 @@ from meta_pseudo_labels.run import evaluation
 from meta_pseudo_labels.rundir import checkpoint
 from meta_pseudo_labels.rundir import reporting
 from meta_pseudo_labels.rundir import run_report
+from meta_pseudo_labels.trained import teacher_targets
 from meta_pseudo_labels.trained import warm_start
 
 RESULTS_FILENAME = 'results.json'
@@ -144,13 +147,20 @@ def _phases(config, pipeline):
 
   if config.method == 'mpl':
     hparams = mpl.MplHparams.from_config(config)
+    init = lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape)
+    batches = pipeline.mpl_batches
+    teacher_models = lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables)}
+    if hparams.teacher == 'reduced':   # T_R on the stored targets, joined by example id; it reads no image
+      targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
+                                     num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
+      init = lambda rng, _: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape)
+      batches = lambda start: teacher_targets.joined_batches(pipeline.mpl_batches(start, with_unlabeled_index=True),
+                                                             targets)
+      teacher_models = lambda s: {}
     main_phase = Phase(
-        name='mpl', num_steps=steps, global_offset=0,
-        init=lambda rng, _: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
-        step=functools.partial(mpl.mpl_step, hparams=hparams),
-        batches=pipeline.mpl_batches,
-        eval_models=lambda s: {'teacher': (s.teacher.apply_fn, s.teacher.variables),
-                               'student': (s.student.apply_fn, s.student.variables),
+        name='mpl', num_steps=steps, global_offset=0, init=init,
+        step=functools.partial(mpl.mpl_step, hparams=hparams), batches=batches,
+        eval_models=lambda s: {**teacher_models(s), 'student': (s.student.apply_fn, s.student.variables),
                                'student_ema': (s.student.apply_fn, s.student_ema)})
   else:
     hparams = mpl.SupervisedHparams.from_config(config)
@@ -161,7 +171,8 @@ def _phases(config, pipeline):
             name='teacher_optimizer'),
         step=functools.partial(mpl.supervised_step, hparams=hparams),
         batches=(pipeline.mpl_batches if config.method == 'uda'
-                 else functools.partial(_labeled_batches, pipeline, config.batch_size)),
+                 else functools.partial(_labeled_batches, pipeline, config.batch_size,
+                                        view=config.dataset.labeled_view)),
         eval_models=lambda s: {'model': (s.network.apply_fn, s.network.variables),
                                'model_ema': (s.network.apply_fn, s.ema)})
   if config.method != 'mpl' or not config.finetune.num_steps:
@@ -183,8 +194,8 @@ def _phases(config, pipeline):
   return main_phase, finetune_phase
 
 
-def _labeled_batches(pipeline, batch_size, start_step):
-  return pipeline.labeled_batches(start_step, batch_size)
+def _labeled_batches(pipeline, batch_size, start_step, view='weak'):
+  return pipeline.labeled_batches(start_step, batch_size, view)
 
 
 class _Run:

@@ -88,7 +88,9 @@ def run_config(workdir):
 def network_names(config):
   """The networks a run of `config` (a dict) trains, in evaluation order."""
   if config['method'] == 'mpl':
-    return ['teacher', 'student', 'student_ema'] + (['student_finetuned'] if config['finetune']['num_steps'] else [])
+    # Reduced MPL's teacher T_R (App. E) reads stored targets, not images: not a network to load by name.
+    teacher = [] if config['mpl'].get('teacher') == 'reduced' else ['teacher']
+    return teacher + ['student', 'student_ema'] + (['student_finetuned'] if config['finetune']['num_steps'] else [])
   return ['model', 'model_ema']
 
 
