@@ -152,6 +152,11 @@ def get_base_config():
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 3
   config.on_nonfinite = 'stop'  # 'stop' | 'skip'
+  # Training steps per call of the jitted step (a loop over stacked batches; equal to one step per call up to
+  # float32 rounding): fewer dispatches and transfers, for accelerators. Keep 1 on CPU: XLA:CPU ran WRN-10-1's MPL
+  # step 6.7x slower inside the loop (docs/PERFORMANCE.md, issue 23). A dispatch ends at every log/eval/checkpoint
+  # step, so choose a divisor of their cadences.
+  config.steps_per_dispatch = 1
   return config
 
 

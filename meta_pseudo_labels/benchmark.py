@@ -21,6 +21,10 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
   the hard_taylor step (`torch_reference.py`), run after each timed hard_taylor step on the matching device with
   XLA:CPU's thread count, so that project / PyTorch step time (wall and CPU) is a ratio taken under one load.
 
+`--end_to_end` times the real training program instead (`end_to_end`: `python -m meta_pseudo_labels.main` on small
+in-memory images, steps/s per method and the loop's time per part). Every report records the CPU model and the load
+average before and after, and warns when the machine was not quiet (`machine_load`).
+
 Every executable is compiled with `xla_cpu.compiler_options()` (on CPU: convolutions in XLA's own kernels), the
 options the training step uses.
 
@@ -45,6 +49,8 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -196,6 +202,9 @@ def torch_reference_step(config, batch) -> tuple[Callable[[], Any] | None, dict[
   if not (config.model.name.startswith('wrn') and student_name == config.model.name):
     return None, dict(skipped=f'the reference has WideResNet pairs only, not {config.model.name}/{student_name}')
   device = torch_reference.device_for(jax.default_backend())
+  if jax.default_backend() != 'cpu' and device == 'cpu':
+    return None, dict(skipped=f'JAX runs on {jax.default_backend()} but torch sees no GPU (install a CUDA build '
+                              'of torch): a ratio across devices would mean nothing')
   torch_reference.set_threads(len(os.sched_getaffinity(0)))
   step = torch_reference.MplStep(config, jax.device_get(batch), device)
   counter = itertools.count()
@@ -310,6 +319,101 @@ def measure_input_pipeline(config, num_batches: int, step_examples_per_second: f
               over_step=examples_per_second / step_examples_per_second)
 
 
+# ---- the real training program on small images -----------------------------------------------------------------
+
+END_TO_END_METHODS = ('mpl', 'uda', 'supervised')
+# Parts of the loop (train.py's `loop_seconds`) in the order the report lists them; 'sync' is where the host waits
+# for the device's steps (the metric fetch), 'step' the dispatch.
+LOOP_PARTS = ('compile', 'step', 'sync', 'input', 'transfer', 'logging', 'evaluation', 'checkpoint')
+
+
+def _small_image_npz(config, directory: str) -> str:
+  """Random uint8 grayscale images of the config's side (e.g. 28x28, Fashion-MNIST's shapes) in an .npz: labeled,
+  validation and an unlabeled pool as the config sizes them, and a test split. The step's work does not depend on
+  the pixels, so random images time what real ones do."""
+  data = config.dataset
+  num_unlabeled = data.num_unlabeled if data.num_unlabeled > 0 else 10 * config.batch_size * config.uda_ratio
+  num_train = data.num_labeled + data.num_validation + num_unlabeled
+  num_test = max(data.num_validation, data.num_classes)
+  rng = np.random.default_rng(0)
+  side = data.image_size
+  path = os.path.join(directory, 'small_images.npz')
+  np.savez(path, x_train=rng.integers(0, 256, (num_train, side, side, 1), np.uint8),
+           y_train=np.arange(num_train, dtype=np.int32) % data.num_classes,
+           x_test=rng.integers(0, 256, (num_test, side, side, 1), np.uint8),
+           y_test=np.arange(num_test, dtype=np.int32) % data.num_classes)
+  return path
+
+
+def end_to_end(config, config_args: Sequence[str], *, methods: Sequence[str] = END_TO_END_METHODS,
+               data_path: str = '', variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Runs the real training program, `python -m meta_pseudo_labels.main` with `config_args` (the `--config...`
+  arguments `config` was read from), for each of `methods` on an in-memory image data set, and times it.
+
+  One child process per run: the program as a user runs it (input pipeline, loop, evaluation, checkpoints,
+  results), with nothing compiled or cached beforehand, and TensorFlow never imported here. `data_path`: an .npz
+  (README's custom-data format, e.g. Fashion-MNIST); '' writes random images of the config's shapes
+  (`_small_image_npz`). `variants`: {name: {dotted config field: value}} run one after the other per method (a
+  change of load weighs on all of them alike), ratios taken against the first; None runs the config as given.
+
+  Per run: wall and CPU seconds of the child, main-phase steps/s without compilation, the whole program's steps/s,
+  and the loop's wall seconds per part (`LOOP_PARTS`, results.json's `loop_seconds`; absent for a trainer that does
+  not record them, whose runs then have 'run' figures only).
+  """
+  variants = variants or {'as_given': {}}
+  runs = {}
+  with tempfile.TemporaryDirectory() as directory:
+    data = data_path or _small_image_npz(config, directory)
+    for method in methods:
+      for name, overrides in variants.items():
+        workdir = tempfile.mkdtemp(dir=directory)
+        fields = {'method': method, 'dataset.source': 'npz', 'dataset.data_dir': data, 'dataset.in_memory': True,
+                  **overrides}
+        command = [sys.executable, '-m', 'meta_pseudo_labels.main', *config_args, f'--workdir={workdir}',
+                   *(f'--config.{field}={value}' for field, value in fields.items())]
+        children = os.times()
+        start = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        cpu_seconds = sum(os.times()[2:4]) - sum(children[2:4])
+        if completed.returncode:
+          raise errors.MplError(f'end_to_end {method}/{name}: the training program failed:\n'
+                                f'{completed.stderr[-3000:]}')
+        with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as results_file:
+          results = json.load(results_file)
+        steps = results['steps'][method]
+        phase = results.get('loop_seconds', {}).get(method, {})
+        training = sum(phase.values()) - phase.get('compile', 0.0)
+        runs[f'{method}/{name}'] = dict(
+            method=method, variant=name, overrides=overrides, steps=steps, seconds=seconds, cpu_seconds=cpu_seconds,
+            steps_per_second=steps / training if training else None,
+            run_steps_per_second=sum(results['steps'].values()) / seconds,
+            loop_seconds=results.get('loop_seconds', {}))
+  first = next(iter(variants))
+  for record in runs.values():
+    base = runs[f"{record['method']}/{first}"]
+    record['speedup'] = (record['steps_per_second'] / base['steps_per_second']
+                         if record['steps_per_second'] and base['steps_per_second'] else None)
+    record['run_speedup'] = record['run_steps_per_second'] / base['run_steps_per_second']
+  return dict(data=data_path or 'random images', command_config=list(config_args), runs=runs)
+
+
+def format_end_to_end(result: dict[str, Any]) -> str:
+  lines = [f"{'run':<28}{'steps':>6}{'steps/s':>9}{'x':>6}{'run s':>8}{'run x':>7}{'run CPU s':>10}"
+           + ''.join(f'{part:>11}' for part in LOOP_PARTS)]
+  for name, record in result['runs'].items():
+    phase = record['loop_seconds'].get(record['method'], {})
+    per_second = record['steps_per_second']
+    lines.append(f"{name:<28}{record['steps']:>6}{per_second or float('nan'):>9.3f}"
+                 f"{record['speedup'] or float('nan'):>6.2f}{record['seconds']:>8.1f}{record['run_speedup']:>7.2f}"
+                 f"{record['cpu_seconds']:>10.1f}"
+                 + ''.join(f"{phase.get(part, float('nan')):>11.2f}" for part in LOOP_PARTS))
+  lines.append("steps/s: main-phase steps over its loop's wall time without compilation; run s: the whole "
+               "program (compilation, finetuning, final evaluation included); x: over the first variant; the parts: "
+               "the main phase's loop wall seconds")
+  return '\n'.join(lines)
+
+
 def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul: dict[str, Any]) -> dict[str, Any]:
   """Per feedback mode: FLOPs over the floor, time over the two supervised steps, FLOP/s over the matmul's.
 
@@ -335,10 +439,58 @@ def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul: dict[str, An
   return ratios
 
 
+# The machine counts as quiet when the 1-minute load average before the run is at most this fraction of its CPUs and
+# did not rise by more than that over the run: beyond it other processes took cycles the timed steps wanted.
+QUIET_LOAD_PER_CPU = 0.5
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (from /proc/cpuinfo; `platform.processor()` elsewhere), e.g. 'AMD EPYC'."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith('model name'):
+          return line.partition(':')[2].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=g-import-not-at-top
+  return platform.processor() or 'unknown'
+
+
+def load_average() -> list[float] | None:
+  """The 1, 5 and 15-minute load averages (None where the OS has none)."""
+  try:
+    return [round(value, 2) for value in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def machine_load(before: list[float] | None, after: list[float] | None) -> dict[str, Any]:
+  """The load averages around a measurement and whether the machine was quiet (`QUIET_LOAD_PER_CPU`).
+
+  Timings taken under load do not describe the code (the two sides of a ratio are not slowed alike): the report
+  and the JSON carry a warning instead of a silent figure.
+  """
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  record = dict(load_before=before, load_after=after, cpus=cpus, quiet=None, warning='')
+  if before is None or after is None:
+    record['warning'] = 'no load average on this OS: cannot tell whether the machine was quiet'
+    return record
+  limit = QUIET_LOAD_PER_CPU * cpus
+  busy_before, rising = before[0] > limit, after[0] - before[0] > limit
+  record['quiet'] = not (busy_before or rising)
+  if not record['quiet']:
+    record['warning'] = (f'NOT A QUIET MACHINE: 1-min load {before[0]:.2f} before, {after[0]:.2f} after, on {cpus} '
+                         f'CPUs (quiet: at most {limit:.2f} before and no rise above it); other processes took '
+                         'cycles, so compare only ratios measured in this one run')
+  return record
+
+
 def device_description() -> dict[str, Any]:
   device = jax.devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind, num_devices=jax.device_count(),
-              host_cpu_count=os.cpu_count(), jax_version=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''),
+              host_cpu_model=cpu_model(), host_cpu_count=os.cpu_count(), jax_version=jax.__version__,
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
               compiler_options=xla_cpu.compiler_options(device.platform))
 
 
@@ -356,6 +508,7 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   unknown = sorted(set(feedback_modes) - set(FEEDBACK_MODES))
   if unknown:
     raise errors.ConfigError(f'feedback_modes: unknown {unknown}; choose from {list(FEEDBACK_MODES)}')
+  load_before = load_average()
   matmul_before = matmul_reference(matmul_size, warmup, repeats)
   measured = measure_steps(config, feedback_modes=feedback_modes, warmup=warmup, repeats=repeats,
                            torch_reference_on=torch_reference_on)
@@ -378,17 +531,24 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   if pipeline_batches:
     consumed = max(record['examples_per_second'] for name, record in steps.items() if name.startswith('mpl_'))
     result['input_pipeline'] = measure_input_pipeline(config, pipeline_batches, consumed, pipeline_data)
+  result['machine_load'] = machine_load(load_before, load_average())
   return result
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
+
+def load_line(load: dict[str, Any]) -> str:
+  line = f"load average (1, 5, 15 min): before {load['load_before']}, after {load['load_after']}"
+  return f"{line}\nWARNING: {load['warning']}" if load['warning'] else f'{line}: a quiet machine'
+
 
 def format_report(result: dict[str, Any]) -> str:
   """The benchmark as text tables (what `--json` prints as one object)."""
   device, job, matmul = result['device'], result['workload'], result['matmul']
   lines = [
       f"device: {device['device_kind']} ({device['platform']}), {device['num_devices']} device(s), "
-      f"{device['host_cpu_count']} host CPUs, jax {device['jax_version']}, XLA_FLAGS={device['xla_flags']!r}, "
+      f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}, "
+      f"XLA_FLAGS={device['xla_flags']!r}, "
       f"compiler options {device['compiler_options']}",
       f"workload: teacher {job['teacher']}, student {job['student']}, {job['dtype']}, "
       f"B={job['batch_size']}, mu={job['uda_ratio']}, input {'x'.join(map(str, job['input_shape']))}"
@@ -396,6 +556,7 @@ def format_report(result: dict[str, Any]) -> str:
       f"matmul {matmul['size']}^2 float32: {matmul['flops_per_second'] / 1e9:.1f} GFLOP/s wall, "
       f"{matmul['flops_per_cpu_second'] / 1e9:.1f} GFLOP per CPU-second (best of before "
       f"{matmul['before']['flops_per_second'] / 1e9:.1f} / after {matmul['after']['flops_per_second'] / 1e9:.1f})",
+      load_line(result['machine_load']),
       '',
       f"{'step':<20}{'compile s':>10}{'cpu s':>8}{'step ms':>10}{'cpu ms':>9}{'ex/s':>10}{'GFLOP':>10}{'GFLOP/s':>9}"
       f"{'peak MiB':>10}{'donated':>9}{'convs':>7}{'host io':>8}",
@@ -472,6 +633,15 @@ def _main():
   pipeline_data_flag = flags.DEFINE_enum('pipeline_data', 'synthetic', PIPELINE_DATA,
                                          "The input pipeline's data: random images of the config's shapes, or "
                                          "the config's own data set.")
+  end_to_end_flag = flags.DEFINE_bool(
+      'end_to_end', False, 'Time the real training program (run/train.py) on small in-memory images instead of '
+      'the bare steps: steps/s per method and where the loop spends its time (`end_to_end`).')
+  methods_flag = flags.DEFINE_list('methods', list(END_TO_END_METHODS), 'With --end_to_end: the methods to run.')
+  data_flag = flags.DEFINE_string('data', '', 'With --end_to_end: an .npz data set (README format); empty: random '
+                                  "images of the config's shapes.")
+  variants_flag = flags.DEFINE_string(
+      'variants', '', 'With --end_to_end: JSON {name: {dotted config field: value}}, run in turn per method; '
+      'ratios are over the first. Empty: the config as given.')
   flags.mark_flags_as_required(['config'])
 
   def main(argv):
@@ -482,6 +652,17 @@ def _main():
         minimum = 1 if name in ('repeats', 'matmul_size') else 0
         if flag.value < minimum:
           raise errors.ConfigError(f'--{name}: must be >= {minimum}, got {flag.value}')
+      if end_to_end_flag.value:
+        load_before = load_average()
+        config_args = [arg for arg in sys.argv[1:] if arg.startswith('--config')]
+        result = end_to_end(config_flag.value, config_args, methods=methods_flag.value, data_path=data_flag.value,
+                            variants=json.loads(variants_flag.value) if variants_flag.value else None)
+        result.update(device=device_description(), machine_load=machine_load(load_before, load_average()))
+        device = result['device']
+        print(json.dumps(result, indent=1) if json_flag.value else
+              f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}\n"
+              f"{load_line(result['machine_load'])}\n{format_end_to_end(result)}")
+        return
       result = run(config_flag.value, feedback_modes=modes_flag.value, warmup=warmup_flag.value,
                    repeats=repeats_flag.value, matmul_size=matmul_flag.value,
                    pipeline_batches=pipeline_flag.value, pipeline_data=pipeline_data_flag.value,

@@ -111,6 +111,10 @@ def test_benchmark_command_prints_every_field(tmp_path):
   result = json.loads(completed.stdout)
 
   assert result['device']['platform'] == 'cpu'
+  assert result['device']['host_cpu_model']
+  load = result['machine_load']
+  assert load['quiet'] in (True, False) and len(load['load_before']) == 3 and len(load['load_after']) == 3
+  assert bool(load['warning']) == (not load['quiet'])
   assert result['workload']['batch_size'] == 4 and result['workload']['uda_ratio'] == 2
   assert _positive_finite(result['matmul']['flops_per_second'])
   assert _positive_finite(result['matmul']['flops_per_cpu_second'])
@@ -150,3 +154,60 @@ def test_benchmark_command_prints_every_field(tmp_path):
     assert sum(line.startswith(name + ' ') for line in report) == 1, name
   for mode in ('exact', 'hard_dot', 'hard_taylor'):
     assert sum(line.startswith(mode + ' ') for line in report) == 1, mode
+
+
+def test_a_busy_or_busier_machine_is_flagged_and_a_quiet_one_is_not(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0, 1}, raising=False)
+  assert benchmark.machine_load([0.2, 0.3, 0.3], [0.4, 0.3, 0.3]) == dict(
+      load_before=[0.2, 0.3, 0.3], load_after=[0.4, 0.3, 0.3], cpus=2, quiet=True, warning='')
+  busy = benchmark.machine_load([1.5, 1.0, 1.0], [1.5, 1.0, 1.0])      # over 0.5 per CPU before
+  rising = benchmark.machine_load([0.1, 0.1, 0.1], [1.3, 0.5, 0.2])    # others started during the run
+  for record in (busy, rising):
+    assert record['quiet'] is False and record['warning'].startswith('NOT A QUIET MACHINE')
+    assert 'WARNING: NOT A QUIET MACHINE' in benchmark.load_line(record)
+  assert benchmark.machine_load(None, None)['quiet'] is None
+
+
+def test_cpu_model_is_named():
+  assert isinstance(benchmark.cpu_model(), str) and benchmark.cpu_model()
+
+
+def test_the_accelerator_command_imports_no_tensorflow(tmp_path):
+  """`--pipeline_batches=0` (the GPU command of docs/PERFORMANCE.md) times synthetic batches only: no TensorFlow."""
+  config_path = tmp_path / 'tiny.py'
+  config_path.write_text(TINY_CONFIG)
+  code = (f'import sys; sys.argv = ["benchmark", "--config={config_path}", "--feedback_modes=hard_taylor", '
+          '"--warmup=0", "--repeats=1", "--matmul_size=64", "--pipeline_batches=0", "--json"]\n'
+          'from meta_pseudo_labels import benchmark\n'
+          'try:\n  benchmark._main()\nexcept SystemExit:\n  pass\n'
+          'assert "tensorflow" not in sys.modules, "tensorflow was imported"\nprint("NO_TF")')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  completed = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=240, check=False)
+  assert completed.returncode == 0 and 'NO_TF' in completed.stdout, completed.stderr[-3000:]
+
+
+def test_end_to_end_times_the_training_program_and_its_loop(monkeypatch):
+  """`--end_to_end`: the real program (main, in a child) on random small images, steps/s and the loop's parts."""
+  from configs import cifar10_4k  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO_ROOT)
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
+  overrides = dict(num_train_steps=2, batch_size=8, uda_ratio=1, eval_batch_size=8, **{
+      'dataset.image_size': 8, 'dataset.num_labeled': 10, 'dataset.num_validation': 8, 'dataset.num_unlabeled': 16,
+      'dataset.cutout_size': 4, 'dataset.pad_crop': 1, 'finetune.num_steps': 0})
+  config = cifar10_4k.get_config('cpu')
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  args = ['--config=configs/cifar10_4k.py:cpu'] + [f'--config.{field}={value}' for field, value in overrides.items()]
+  result = benchmark.end_to_end(config, args, methods=['supervised'])
+  record = result['runs']['supervised/as_given']
+  assert record['steps'] == 2 and record['speedup'] == 1.0
+  assert _positive_finite(record['steps_per_second']) and _positive_finite(record['cpu_seconds'])
+  parts = set(record['loop_seconds']['supervised'])
+  assert {'compile', 'sync', 'input', 'transfer', 'evaluation', 'checkpoint'} <= parts
+  assert 'supervised/as_given' in benchmark.format_end_to_end(result)

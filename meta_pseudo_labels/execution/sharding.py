@@ -197,3 +197,17 @@ def make_global_batch(host_local_batch: Any, mesh: Mesh) -> Any:
   shardings = batch_shardings(shapes, mesh)
   return jax.make_array_from_process_local_data(
       shardings, host_local_batch, jax.tree.map(lambda s: s.shape, shapes))
+
+
+def stacked_sharding(batch_sharding: NamedSharding) -> NamedSharding:
+  """The sharding of `steps` batches stacked on a new leading axis: that axis unsplit, each batch as before."""
+  return NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+
+
+def make_global_stacked_batch(host_local_stack: Any, mesh: Mesh) -> Any:
+  """`make_global_batch` for several steps' batches stacked on a leading axis, `[steps, B/n, ...]` on each host
+  (the loop's several steps per dispatch, `step_builder.TrainStep.multi_step`)."""
+  shapes = global_batch_shapes(jax.tree.map(lambda x: x[0], host_local_stack))
+  shardings = jax.tree.map(stacked_sharding, batch_shardings(shapes, mesh))
+  return jax.make_array_from_process_local_data(
+      shardings, host_local_stack, jax.tree.map(lambda x, s: (x.shape[0],) + s.shape, host_local_stack, shapes))

@@ -14,6 +14,14 @@ What one call of the built step does, on the devices, with no host transfer:
   first non-finite step and its terms, so the host fetches one small tree per sync point instead of every step's
   metrics.
 The state and the accumulator are donated: both are updated in place.
+
+`multi_step` runs several such steps in one call (a loop over batches stacked on a leading axis): one dispatch and
+one batch transfer for `steps_per_dispatch` steps, which for small models (TwoMoon's MLP) is most of a step's
+wall time. The loop's body is `guarded_step` itself and each step still draws its randomness from
+`fold_in(rng, state.step)` (`mpl.py`), so k steps in one call compute what k calls do; XLA:CPU compiles a loop
+body with its own fusions, so the two agree to float32 rounding, not bitwise (tests/test_step_builder.py). A run
+at a given k is still bitwise reproducible and resumable: which steps share a dispatch depends on the step
+numbers only (`train.py`).
 """
 
 import dataclasses
@@ -69,6 +77,18 @@ def guarded_step(step_fn, skip_nonfinite, state, accumulator, batch, rng):
   return new_state, accumulator
 
 
+def guarded_steps(step_fn, skip_nonfinite, state, accumulator, stacked_batch, num_steps, rng):
+  """`guarded_step` over the first `num_steps` batches of `stacked_batch` (arrays `[k, ...]`) in turn.
+
+  A loop with a run-time trip count: one executable runs 1..k steps (the rows past `num_steps` are ignored), so a
+  dispatch cut short by a sync point compiles nothing new.
+  """
+  def body(index, carry):
+    batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), stacked_batch)
+    return guarded_step(step_fn, skip_nonfinite, *carry, batch, rng)
+  return jax.lax.fori_loop(0, num_steps, body, (state, accumulator))
+
+
 def empty_accumulator(metric_names):
   return {
       'sums': {name: jnp.zeros((), jnp.float32) for name in metric_names},
@@ -83,6 +103,7 @@ def empty_accumulator(metric_names):
 class TrainStep:
   """The built step and what its callers need around it."""
   step: Callable[[Any, Any, Any, Any], Any]   # jitted (state, accumulator, batch, rng) -> (state, accumulator)
+  multi_step: Callable[..., Any]  # jitted (state, accumulator, stacked batch, num_steps, rng): `guarded_steps`
   new_accumulator: Callable[[], Any]          # jitted () -> a zeroed accumulator, replicated on the mesh
   metric_names: list[str]                     # sorted names of the step's metrics (the accumulator's sums)
   state_shardings: Any
@@ -117,7 +138,12 @@ def build_train_step(step_fn, state, state_shardings, batch, mesh, *, skip_nonfi
                  in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
                  out_shardings=(state_shardings, accumulator_shardings),
                  donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options_for_mesh(mesh))
+  multi_step = jax.jit(functools.partial(guarded_steps, step_fn, skip_nonfinite),
+                       in_shardings=(state_shardings, accumulator_shardings,
+                                     jax.tree.map(sharding.stacked_sharding, batch_shardings), replicated, replicated),
+                       out_shardings=(state_shardings, accumulator_shardings),
+                       donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options_for_mesh(mesh))
   new_accumulator = jax.jit(functools.partial(empty_accumulator, metric_names), out_shardings=accumulator_shardings)
-  return TrainStep(step=step, new_accumulator=new_accumulator, metric_names=metric_names,
+  return TrainStep(step=step, multi_step=multi_step, new_accumulator=new_accumulator, metric_names=metric_names,
                    state_shardings=state_shardings, accumulator_shardings=accumulator_shardings,
                    batch_shardings=batch_shardings, rng_sharding=replicated)

@@ -156,7 +156,8 @@ def validate(config, num_devices):
   # Steps and cadence.
   _integer(config, 'num_train_steps', 1)
   _integer(config, 'finetune.num_steps', 0)
-  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                'steps_per_dispatch'):
     _integer(config, field, 1)
   _integer(config, 'uda.ramp_steps', 1)
 

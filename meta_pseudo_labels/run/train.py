@@ -29,6 +29,8 @@ Reliability, by design:
   `errors.Preempted`; rerunning the same command resumes.
 """
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -40,6 +42,7 @@ from absl import logging
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.data import input_pipeline
@@ -200,6 +203,21 @@ class _Run:
     self.nonfinite_skipped = 0
     self.previous_wall_time = 0.0      # seconds spent by earlier (interrupted) processes of this run
     self.start_time = time.monotonic()
+    # Host wall seconds per part of the loop, per phase (results.json 'loop_seconds'; `benchmark --end_to_end`).
+    self.loop_seconds = collections.defaultdict(lambda: collections.defaultdict(float))
+
+  @contextlib.contextmanager
+  def timed(self, phase_name, part):
+    """Adds the wall time of the block to `loop_seconds[phase_name][part]`.
+
+    Dispatch is asynchronous: the device's step time shows where the host waits for it, in 'sync' (the metric
+    fetch) and, when the host runs ahead, in the next 'step' dispatch.
+    """
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.loop_seconds[phase_name][part] += time.perf_counter() - start
 
   def wall_time(self):
     return self.previous_wall_time + time.monotonic() - self.start_time
@@ -258,31 +276,69 @@ class _Run:
         logging.info('%s: resumed from %s/%d', phase.name, ckpt.directory, start)
       if start < phase.num_steps:
         state = self._train(phase, state, state_shardings, start, step_rng, ckpt)
-      ckpt.wait()
+      with self.timed(phase.name, 'checkpoint'):
+        ckpt.wait()
     finally:
       ckpt.close()
     return state
 
-  def _train(self, phase, state, state_shardings, start, step_rng, ckpt):
+  def _dispatch_end(self, phase, step):
+    """The last step of the dispatch that starts after `step`: the next multiple of `steps_per_dispatch`, or an
+    earlier sync point (a log, evaluation or checkpoint step, or the phase's end).
+
+    A function of the step numbers alone, so an interrupted run, resumed from any checkpoint (every save is at a
+    dispatch's end), groups the remaining steps exactly as the uninterrupted run does: resume stays bitwise.
+    """
     config = self.config
+    every = [config.log_every_steps, config.checkpoint_every_steps]
+    if self.has_validation:
+      every.append(config.eval_every_steps)
+    per_dispatch = config.steps_per_dispatch
+    end = min(phase.num_steps, (step // per_dispatch + 1) * per_dispatch)
+    return min([end] + [(step // n + 1) * n for n in every])
+
+  def _train(self, phase, state, state_shardings, start, step_rng, ckpt):
+    """Steps `start + 1 .. phase.num_steps`, up to `config.steps_per_dispatch` of them per call of the jitted
+    step (`_dispatch_end`); a preemption notice is acted on at the end of a dispatch."""
+    config = self.config
+    timed = functools.partial(self.timed, phase.name)
     batches = phase.batches(start)
-    first_batch = next(batches)
+    with timed('input'):
+      first_batch = next(batches)
     train_step = step_builder.build_train_step(phase.step, state, state_shardings,
                                                sharding.global_batch_shapes(first_batch), self.mesh,
                                                skip_nonfinite=config.on_nonfinite == 'skip')
     accumulator = train_step.new_accumulator()
+    per_dispatch = config.steps_per_dispatch
 
     last_saved = start or None   # the checkpoint this run resumed from
-    logging.info('%s: training steps %d..%d', phase.name, start + 1, phase.num_steps)
+    logging.info('%s: training steps %d..%d, up to %d per dispatch', phase.name, start + 1, phase.num_steps,
+                 per_dispatch)
     self.reporter.restart_clock(phase.global_offset + start)
-    host_batch = first_batch
+    pending = [first_batch]   # host batches drawn and not yet run
     fault_point = _fault_point(phase.name)
-    for step in range(start + 1, phase.num_steps + 1):
-      if host_batch is None:
-        host_batch = next(batches)
-      batch = sharding.make_global_batch(host_batch, self.mesh)
-      host_batch = None
-      state, accumulator = train_step.step(state, accumulator, batch, step_rng)
+    step = start
+    while step < phase.num_steps:
+      end = self._dispatch_end(phase, step)
+      with timed('input'):
+        while len(pending) < end - step:
+          pending.append(next(batches))
+      host_batches, pending = pending, []
+      if per_dispatch == 1:
+        with timed('transfer'):
+          batch = sharding.make_global_batch(host_batches[0], self.mesh)
+        with timed('compile' if step == start else 'step'):   # asynchronous: only the first call waits (compiles)
+          state, accumulator = train_step.step(state, accumulator, batch, step_rng)
+      else:   # always k rows (one executable); the rows past this dispatch's steps repeat its last batch, unused
+        host_batches += host_batches[-1:] * (per_dispatch - len(host_batches))
+        with timed('transfer'):
+          stacked = sharding.make_global_stacked_batch(jax.tree.map(lambda *x: np.stack(x), *host_batches),
+                                                       self.mesh)
+        with timed('compile' if step == start else 'step'):
+          state, accumulator = train_step.multi_step(state, accumulator, stacked, np.int32(end - step), step_rng)
+      for inner in range(step + 1, end):
+        fault_point(inner, ckpt)
+      step = end
 
       preempted = ckpt.reached_preemption(step)
       is_log = step % config.log_every_steps == 0
@@ -291,17 +347,21 @@ class _Run:
       if not (is_log or is_eval or is_save):
         fault_point(step, ckpt)
         continue
-      self._sync(phase, step, accumulator, train_step.metric_names, last_saved)   # raises on divergence before any save
-      accumulator = train_step.new_accumulator()
+      with timed('sync'):
+        self._sync(phase, step, accumulator, train_step.metric_names, last_saved)   # raises on divergence first
+        accumulator = train_step.new_accumulator()
       global_step = phase.global_offset + step
       if is_log:
-        self.reporter.progress(global_step)
+        with timed('logging'):
+          self.reporter.progress(global_step)
       if is_save:
-        ckpt.save(step, state, {'phase': phase.name, 'step': step, 'nonfinite_skipped': self.nonfinite_skipped,
-                                'wall_time': self.wall_time()})
+        with timed('checkpoint'):
+          ckpt.save(step, state, {'phase': phase.name, 'step': step, 'nonfinite_skipped': self.nonfinite_skipped,
+                                  'wall_time': self.wall_time()})
         last_saved = step
       if is_eval:
-        results = self.evaluate('validation', phase.eval_models(state))
+        with timed('evaluation'):
+          results = self.evaluate('validation', phase.eval_models(state))
         self.reporter.scalars(global_step, {f'validation/{model}/{metric}': value
                                             for model, values in results.items()
                                             for metric, value in values.items()
@@ -348,7 +408,8 @@ def train_and_evaluate(config, workdir):
     final_models.update(finetune_phase.eval_models(finetune_state))
 
   splits = (['validation'] if run.has_validation else []) + ['test']
-  final = {split: run.evaluate(split, final_models) for split in splits}
+  with run.timed('final', 'evaluation'):
+    final = {split: run.evaluate(split, final_models) for split in splits}
   run.reporter.scalars(total_steps, {f'final/{split}/{model}/{metric}': value
                                      for split, per_model in final.items() for model, values in per_model.items()
                                      for metric, value in values.items() if metric in evaluation.SCALAR_METRICS})
@@ -358,6 +419,7 @@ def train_and_evaluate(config, workdir):
       'steps': {phase.name: phase.num_steps for phase in (main_phase, finetune_phase) if phase},
       'nonfinite_skipped': run.nonfinite_skipped,
       'wall_time_s': run.wall_time(),
+      'loop_seconds': {phase: dict(parts) for phase, parts in run.loop_seconds.items()},
       'config': config_dict,
   }
   if jax.process_index() == 0:
