@@ -160,7 +160,8 @@ def test_unknown_policy_is_a_one_line_error():
     model('wrn10_1', 'all')
   config = cifar10_4k.get_config()
   config.model.remat = 'blocks'
-  with pytest.raises(errors.ConfigError, match=r"model.remat: unknown value 'blocks'; choose one of \['none'"):
+  with pytest.raises(errors.ConfigError, match=r"model.remat: unknown rematerialisation policy 'blocks'; choose "
+                                               r"one of \['none'"):   # the same rule as create_model's, one place
     config_validation.validate(config, 1)
   config = cifar10_4k.get_config()
   config.student_model.remat = 'block'
