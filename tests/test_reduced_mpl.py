@@ -8,7 +8,6 @@ import functools
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
