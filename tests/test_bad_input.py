@@ -401,3 +401,24 @@ def test_checkpoint_of_another_config_without_config_json_is_refused_and_left_al
   ckpt = checkpoint.Checkpointer(directory, keep=2)
   assert ckpt.restore(None, {'w': spec(3, 4), 'b': spec(4)})[2] == 1
   ckpt.close()
+
+
+def test_checkpoints_that_do_not_continue_this_run_are_refused_before_training(tmp_path):
+  """A rerun over a workdir of a run with another step budget (b9755db's digits table): the old finetuning
+  checkpoints, which finetune the old run's student, and a main phase saved past this config's end are refused with
+  one line before any step, and nothing in the workdir changes."""
+  from meta_pseudo_labels.run import train   # pylint: disable=g-import-not-at-top  # TensorFlow-free, but slow
+  def config(steps):
+    return _vector_config(**{'num_train_steps': steps, 'finetune.num_steps': 2, 'log_every_steps': 2,
+                             'eval_every_steps': 2, 'checkpoint_every_steps': 2, 'batch_size': 8,
+                             'dataset.num_labeled': 8})
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(config(4), str(workdir))
+  before = _snapshot(workdir)
+  for steps, message in ((6, f"{workdir}/checkpoints/finetune continues a mpl phase that ended at step 4, but this "
+                              "config's mpl phase has 6 steps: use a new --workdir, or move"),
+                         (2, f"{workdir}/checkpoints/mpl/4 is past the end of this config's mpl phase (2 steps)")):
+    with pytest.raises(errors.CheckpointError) as e:
+      train.train_and_evaluate(config(steps), str(workdir))
+    assert message in str(e.value) and '\n' not in str(e.value)
+    assert _snapshot(workdir) == before

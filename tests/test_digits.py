@@ -10,6 +10,7 @@ import pytest
 from configs import digits as digits_config
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.experiments import digits
+from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.rundir import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,3 +77,27 @@ def test_unknown_method_is_a_one_line_config_error(tmp_path):
   with pytest.raises(errors.ConfigError, match='sweep.methods') as error:
     digits.run(config, str(tmp_path), train_fn=None)
   assert '\n' not in str(error.value) and not os.listdir(tmp_path)
+
+
+def test_an_unfinished_run_of_another_config_is_refused_not_continued(tmp_path):
+  """b9755db's digits table: a sweep over a workdir holding shorter runs resumed them under the new schedule; now a
+  run directory of another config stops the sweep with one line, and only runs of the row's own config resume."""
+  config = digits_config.get_config()
+  row = digits.METHODS['mpl']
+  run = sweeps.run_config(config, row, 0)
+  old = run.copy_and_resolve_references()
+  old.num_train_steps = 100
+  run_dir = tmp_path / 'mpl' / 'seed_0'
+  run_dir.mkdir(parents=True)
+  run_directory.RunDirectory(run_dir).write_config(old.to_dict())
+  def train_fn(config, workdir):
+    raise AssertionError('trained')
+  with pytest.raises(errors.CheckpointError) as error:
+    sweeps.one_run(run, row, str(run_dir), train_fn)
+  assert str(error.value) == (f'{run_dir} holds an unfinished run of another config (num_train_steps differ): a sweep '
+                              'continues only runs of its own rows; move that directory away, or use a new --workdir')
+  other_sweep = run.copy_and_resolve_references()
+  other_sweep.sweep.num_seeds = 7   # what a sweep chooses (rows, seeds, mode) is no part of a run's config
+  run_directory.RunDirectory(run_dir).write_config(other_sweep.to_dict())
+  with pytest.raises(AssertionError, match='trained'):
+    sweeps.one_run(run, row, str(run_dir), train_fn)

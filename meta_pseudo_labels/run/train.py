@@ -391,6 +391,7 @@ def train_and_evaluate(config, workdir):
                                    process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
+  _check_phase_checkpoints(rundir, [phase for phase in (main_phase, finetune_phase) if phase])
   initial_networks = warm_start.load(config, main_phase.init, pipeline.num_classes, rundir, main_phase.name)
   if jax.process_index() == 0:
     rundir.write_config(config_dict)
@@ -427,6 +428,29 @@ def train_and_evaluate(config, workdir):
     run_report.write(rundir, final, pipeline.input_spec.class_names)
     _print_summary(final, rundir)
   return results
+
+
+def _check_phase_checkpoints(rundir, phases):
+  """Refuses, before any training, checkpoints that do not continue this config's run.
+
+  A phase's checkpoint past the phase's end (the run was shortened) would be taken as its result; a later phase's
+  checkpoints (finetuning) continue the state the earlier phase ended with when they were written, so they are valid
+  only if that phase's newest checkpoint is its last step now. Otherwise (a run extended after it reached
+  finetuning) they would finetune a student this run no longer has. Nothing is deleted: the user chooses.
+  """
+  latest = {phase.name: checkpoint.latest_step(rundir.checkpoints(phase.name)) for phase in phases}
+  for phase in phases:
+    if latest[phase.name] is not None and latest[phase.name] > phase.num_steps:
+      raise errors.CheckpointError(
+          f'{rundir.checkpoints(phase.name)}/{latest[phase.name]} is past the end of this config\'s {phase.name} '
+          f'phase ({phase.num_steps} steps): resume with the config in {rundir / run_directory.CONFIG}, or use a '
+          'new --workdir')
+  for earlier, later in zip(phases, phases[1:]):
+    if latest[later.name] is not None and latest[earlier.name] != earlier.num_steps:
+      raise errors.CheckpointError(
+          f'{rundir.checkpoints(later.name)} continues a {earlier.name} phase that ended at step '
+          f'{latest[earlier.name]}, but this config\'s {earlier.name} phase has {earlier.num_steps} steps: use a '
+          f'new --workdir, or move {rundir.checkpoints(later.name)} away to redo {later.name} after the new end')
 
 
 def _print_summary(final, rundir):

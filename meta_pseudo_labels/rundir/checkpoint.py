@@ -178,6 +178,24 @@ class Checkpointer:
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
 
 
+def _read_only_manager(directory):
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'extra': ocp.JsonCheckpointHandler()})
+
+
+def latest_step(directory):
+  """The newest finished step saved in `directory`, or None (no directory, or no finished step). Reads only."""
+  directory = run_directory.as_path(directory)
+  if not directory.is_dir():
+    return None
+  manager = _read_only_manager(directory)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def read_variables(directory, path):
   """`{'params', 'batch_stats'}` (numpy) of the network at `path` (keys into the saved state, e.g. ('teacher',))
   in the newest checkpoint of `directory`; returns `(variables, step)`.
@@ -189,9 +207,7 @@ def read_variables(directory, path):
   directory = run_directory.as_path(directory)
   if not directory.is_dir():
     raise errors.CheckpointError(f'{directory}: no such checkpoint directory; did the run reach this phase?')
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'extra': ocp.JsonCheckpointHandler()})
+  manager = _read_only_manager(directory)
   step = manager.latest_step()
   if step is None:
     raise errors.CheckpointError(f'{directory}: no finished checkpoint; train the run (further) first')

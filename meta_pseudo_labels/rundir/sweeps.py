@@ -5,8 +5,9 @@ A sweep is rows (a method and the config fields it sets) times seeds; each (row,
 `train_fn` (program modules never import one another).
 
 Resume, run by run: a directory whose `results.json` holds exactly the run's config is a finished run and is read
-back, never rerun; an unfinished one is handed to `train_fn`, which resumes it from its checkpoints. A sweep can so
-be stopped at any point and continued by rerunning the same command.
+back, never rerun; an unfinished one of the same config is handed to `train_fn`, which resumes it from its
+checkpoints (one of another config is refused). A sweep can so be stopped at any point and continued by rerunning the
+same command.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 from scipy import stats
 
+from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import run_directory
 
 RUN_RESULTS_FILE = run_directory.RESULTS
@@ -90,6 +92,7 @@ def one_run(run, row, run_dir, train_fn, *, curve_tags=()):
   results = finished_results(run_dir, run)
   reused = results is not None
   if not reused:
+    _check_unfinished(run_dir, run)
     cpu_start = time.process_time()
     results = train_fn(run, run_dir)
     _add_cpu_time(run_dir, time.process_time() - cpu_start)
@@ -102,6 +105,17 @@ def one_run(run, row, run_dir, train_fn, *, curve_tags=()):
                row.reported_model, 'read back' if reused else 'trained', time.time() - start)
   return {'top1': top1, 'validation_curve': scalars.pop(curve_tag), 'curves': scalars, 'workdir': run_dir,
           'wall_time_s': results['wall_time_s'], 'cpu_time_s': _cpu_time(run_dir), 'reused': reused}
+
+
+def _check_unfinished(run_dir, config):
+  """A row's figure comes from its config alone: an unfinished run of another config in its directory (which a lone
+  `train` run would resume with a warning, changed schedule and all) is refused, never continued into the table."""
+  changed = [name for name in run_directory.RunDirectory(run_dir).check_compatible(config.to_dict())
+             if not name.startswith('sweep.')]
+  if changed:
+    raise errors.CheckpointError(
+        f'{run_dir} holds an unfinished run of another config ({", ".join(changed)} differ): a sweep continues only '
+        'runs of its own rows; move that directory away, or use a new --workdir')
 
 
 def _cpu_time(run_dir):
