@@ -219,10 +219,13 @@ def lower_mpl_step(config, devices):
   rng = jax.eval_shape(lambda: jax.random.key(config.seed))
   example_shape = workload.input_shape(config)
   reduced = workload.is_reduced(config)
+  optimizers = dict(teacher_optimizer=config.teacher_optimizer, student_optimizer=config.student_optimizer,
+                    total_steps=config.num_train_steps)
   if reduced:   # Reduced MPL (App. E): T_R on stored targets in the teacher's place; no large teacher in memory
-    create = lambda r: train_state.create_reduced_mpl_state(r, config, student, example_shape)
+    create = lambda r: train_state.create_reduced_mpl_state(r, config.reduced, config.dataset.num_classes, student,
+                                                            example_shape, **optimizers)
   else:
-    create = lambda r: train_state.create_mpl_state(r, config, teacher, student, example_shape)
+    create = lambda r: train_state.create_mpl_state(r, teacher, student, example_shape, **optimizers)
   state = jax.eval_shape(create, rng)
   state_shardings = sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
   batch = workload.abstract_batch(config)

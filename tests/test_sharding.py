@@ -80,8 +80,9 @@ def init_fn(config):
     model = TinyConvNet(bn_group_size=config.batch_norm_group_size)
   else:
     model = models.create_model(config.model, NUM_CLASSES, bn_group_size=config.batch_norm_group_size)
-  return functools.partial(train_state.create_mpl_state, config=config, teacher_model=model, student_model=model,
-                           input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+  return functools.partial(train_state.create_mpl_state, teacher_model=model, student_model=model,
+                           input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), teacher_optimizer=config.teacher_optimizer,
+                           student_optimizer=config.student_optimizer, total_steps=config.num_train_steps)
 
 
 def run_single_device(config, batches):

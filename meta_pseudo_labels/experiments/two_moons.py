@@ -201,7 +201,9 @@ def _train_pseudo_labels(config, teacher_model, student_model, points, labels, s
 
 def _train_mpl(config, teacher_model, student_model, points, labels, split, keys):
   """MPL with the feedback mode and sign of `config.mpl`; the student is evaluated as trained (EMA off)."""
-  state = train_state.create_mpl_state(keys.init, config, teacher_model, student_model, INPUT_SHAPE)
+  state = train_state.create_mpl_state(keys.init, teacher_model, student_model, INPUT_SHAPE,
+                                       teacher_optimizer=config.teacher_optimizer,
+                                       student_optimizer=config.student_optimizer, total_steps=config.num_train_steps)
   hparams = mpl.MplHparams.from_config(config)
 
   def batch_fn(rng):

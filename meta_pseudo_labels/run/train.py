@@ -128,13 +128,17 @@ def _phases(config, pipeline):
 
   if config.method == networks.MPL:
     hparams = mpl.MplHparams.from_config(config)
-    make_state = lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape)
+    optimizers = dict(teacher_optimizer=config.teacher_optimizer, student_optimizer=config.student_optimizer,
+                      total_steps=steps)
+    make_state = lambda rng: train_state.create_mpl_state(rng, teacher_model, student_model, input_shape,
+                                                          **optimizers)
     batches = pipeline.mpl_batches
     apply_fns = lambda s: {'model': s.teacher.apply_fn, 'student_model': s.student.apply_fn}
     if hparams.teacher == 'reduced':   # T_R on the stored targets, joined by example id; it reads no image
       targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
                                      num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
-      make_state = lambda rng: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape)
+      make_state = lambda rng: train_state.create_reduced_mpl_state(
+          rng, config.reduced, config.dataset.num_classes, student_model, input_shape, **optimizers)
       batches = lambda start: teacher_targets.joined_batches(pipeline.mpl_batches(start, with_unlabeled_index=True),
                                                              targets)
       apply_fns = lambda s: {'student_model': s.student.apply_fn}   # T_R is no network: nothing to evaluate
