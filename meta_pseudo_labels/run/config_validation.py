@@ -11,7 +11,7 @@ single user of a field can see: the types and finiteness of values typed on the 
 between fields (labeled examples per class, the student's wait against the run's length, batches against the
 mesh). Checks that need the data (a labeled count larger than the dataset, a class without examples) belong to the
 input pipeline, which raises `errors.DataError` when it first reads the data; model-specific checks (dtype, rates)
-to `models`.
+to `models`; the views' ranges (RandAugment, Cutout, pad-and-crop) to `augment.check_config`.
 """
 
 import math
@@ -19,6 +19,7 @@ import numbers
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import models
+from meta_pseudo_labels.data import augment
 from meta_pseudo_labels.data import dataset_choices
 from meta_pseudo_labels.execution import sharding
 from meta_pseudo_labels.execution import step_builder
@@ -46,24 +47,22 @@ def _choice(config, field, choices):
   return value
 
 
-def _integer(config, field, minimum):
+def _integer(config, field, minimum=-math.inf):
   value = _get(config, field)
   if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-    raise errors.ConfigError(f'{field}: must be an integer >= {minimum}, got {value!r}')
+    at_least = f' >= {minimum}' if minimum > -math.inf else ''
+    raise errors.ConfigError(f'{field}: must be an integer{at_least}, got {value!r}')
   return int(value)
 
 
-def _number(config, field, low=-math.inf, high=math.inf, *, low_open=False, high_open=False):
+def _number(config, field):
+  """A finite number (an inf learning rate would only surface as a divergence after compiling); its range is the
+  owner's."""
   value = _get(config, field)
   if not isinstance(value, numbers.Real) or isinstance(value, bool):
     raise errors.ConfigError(f'{field}: must be a number, got {value!r}')
-  if not math.isfinite(value):   # an inf learning rate would only surface as a divergence after compiling
+  if not math.isfinite(value):
     raise errors.ConfigError(f'{field}: must be a finite number, got {value!r}')
-  too_low = value <= low if low_open else value < low
-  too_high = value >= high if high_open else value > high
-  if too_low or too_high:
-    interval = f'{"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
-    raise errors.ConfigError(f'{field}: must be in {interval}, got {value!r}')
   return value
 
 
@@ -74,24 +73,6 @@ def _optimizer(config, name):
   for field in ('warmup_steps', 'wait_steps'):
     _integer(config, f'{name}.{field}', 0)
   optimizers.check_config(_get(config, name), name)
-
-
-def _integer_up_to(config, field, maximum, why):
-  value = _get(config, field)
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value <= maximum:
-    raise errors.ConfigError(f'{field}: must be an integer in [0, {maximum}] ({why}), got {value!r}')
-  return int(value)
-
-
-def _augmentation(config, image_size):
-  """The strong view's ranges (augment.py), which it would otherwise take silently: a negative RandAugment magnitude
-  gives negative enhancement factors and a solarize threshold below 0 (every pixel inverted), not a milder policy;
-  a Cutout square larger than the image greys out most of every x_s (all of it from twice the image size); the
-  pad-and-crop's reflect padding needs pad < image size."""
-  _integer(config, 'dataset.randaugment_num_ops', 0)
-  _number(config, 'dataset.randaugment_magnitude', 0.0, float('inf'), high_open=True)
-  _integer_up_to(config, 'dataset.cutout_size', image_size, 'dataset.image_size')
-  _integer_up_to(config, 'dataset.pad_crop', image_size - 1, 'below dataset.image_size')
 
 
 def _model(config, field):
@@ -118,7 +99,11 @@ def validate(config, num_devices):
   _choice(config, 'dataset.labeled_view', dataset_choices.LABELED_VIEWS)
   num_classes = _integer(config, 'dataset.num_classes', 2)
   if config.dataset.source != 'two_moons':
-    _augmentation(config, _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE))
+    _integer(config, 'dataset.image_size', MIN_IMAGE_SIZE)
+    for field in ('randaugment_num_ops', 'cutout_size', 'pad_crop'):
+      _integer(config, f'dataset.{field}')
+    _number(config, 'dataset.randaugment_magnitude')
+    augment.check_config(config.dataset)   # the views' ranges
   num_labeled = _integer(config, 'dataset.num_labeled', 1)
   if num_labeled < num_classes:
     raise errors.ConfigError(f'dataset.num_labeled: {num_labeled} labeled examples leave some of the {num_classes} '
