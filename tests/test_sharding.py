@@ -217,7 +217,7 @@ def test_batch_shardings_and_errors():
                    'label': jax.sharding.PartitionSpec(('data', 'fsdp'))}
   with pytest.raises(errors.ConfigError, match="'label'.*not divisible by the 4 devices"):
     sharding.batch_shardings({'label': jax.ShapeDtypeStruct((6,), jnp.int32)}, mesh)
-  with pytest.raises(errors.ConfigError, match='image width 15'):
+  with pytest.raises(errors.ConfigError, match="image width of batch array 'image': 15 is not divisible"):
     sharding.batch_shardings({'image': jax.ShapeDtypeStruct((8, 15, 15, 3), jnp.float32)}, mesh)
 
 

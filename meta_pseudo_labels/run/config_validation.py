@@ -2,16 +2,18 @@
 
 Every problem is an `errors.ConfigError` with one line: the field, the value, and what to do.
 
-Each choice is listed once, by the module that implements it (`optimizers.SCHEDULES`, `dataset_choices.SOURCES`,
-`step_builder.ON_NONFINITE`, `models.MODELS`, ...), and checked here against that list. The MPL fields (feedback
-mode, pseudo labels, h_sign, baseline rate, label smoothing, EMA decay: `mpl.FEEDBACK_MODES`, `mpl.PSEUDO_LABELS`
-and their ranges and combinations) are checked by the hyper-parameters that use them, `mpl.MplHparams`, which
-`validate` builds early for that, after checking here that the values are finite numbers. This module adds what no
-single user of a field can see: the types and finiteness of values typed on the command line, and the constraints
-between fields (labeled examples per class, the student's wait against the run's length, batches against the
-mesh). Checks that need the data (a labeled count larger than the dataset, a class without examples) belong to the
-input pipeline, which raises `errors.DataError` when it first reads the data; model-specific checks (dtype, rates)
-to `models`; the views' ranges (RandAugment, Cutout, pad-and-crop) to `augment.check_config`.
+`validate` runs this module's checks first, then every owner's rules on the sub-config it owns, all called from one
+place (`_owners`): a model's own fields are `models.check_config`'s, an optimizer's ranges and schedule
+`optimizers.check_config`'s, the MPL fields' ranges and combinations (feedback mode, pseudo labels, h_sign,
+baseline rate, label smoothing, EMA decay) `mpl.MplHparams`', the views' ranges `augment.check_config`'s, the mesh
+and the batches against it `sharding.check_config`'s, a warm start's directory `warm_start.check_reference`'s.
+Each choice is listed once, by the module that implements it (`dataset_choices.SOURCES`,
+`step_builder.ON_NONFINITE`, ...), and checked here against that list. This module adds what no single user of a
+field can see: the types and finiteness of values typed on the command line (checked here before any owner reads
+them), and the constraints between fields (labeled examples per class, a model against the kind of data, the
+student's wait against the run's length, the BatchNorm group against the batch). Checks that need the data (a
+labeled count larger than the dataset, a class without examples) belong to the input pipeline, which raises
+`errors.DataError` when it first reads the data.
 """
 
 import math
@@ -25,8 +27,7 @@ from meta_pseudo_labels.execution import sharding
 from meta_pseudo_labels.execution import step_builder
 from meta_pseudo_labels.method import mpl
 from meta_pseudo_labels.method import optimizers
-from meta_pseudo_labels.rundir import run_directory
-from meta_pseudo_labels.trained import trained_models
+from meta_pseudo_labels.trained import warm_start
 
 METHODS = ('mpl', 'supervised', 'uda')   # train.py's programs: MPL + finetuning, or one network alone
 # Conv nets halve the resolution up to 5 times; below this the last stages see a single pixel of padding.
@@ -66,21 +67,11 @@ def _number(config, field):
   return value
 
 
-def _optimizer(config, name):
-  """Types and finiteness here; the schedule and the ranges are `optimizers.check_config`'s."""
-  for field in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'momentum'):
-    _number(config, f'{name}.{field}')
-  for field in ('warmup_steps', 'wait_steps'):
-    _integer(config, f'{name}.{field}', 0)
-  optimizers.check_config(_get(config, name), name)
-
-
-def _model(config, field):
-  """The model's own fields are `models.check_config`'s; here, whether it takes the data's kind of input."""
-  models.check_config(_get(config, field), field)
+def _model_input(config, field):
+  """Whether the model of `field` takes the data's kind of input (a name the registry lacks is the owner's)."""
   name = _get(config, field).name
   vector_input = config.dataset.source == 'two_moons'
-  if (name in models.VECTOR_MODELS) != vector_input and config.dataset.source != 'npz':
+  if name in models.MODELS and (name in models.VECTOR_MODELS) != vector_input and config.dataset.source != 'npz':
     kind = 'vectors (dataset.source two_moons)' if name in models.VECTOR_MODELS else 'images'
     raise errors.ConfigError(f'{field}.name: {name!r} takes {kind}, but dataset.source is '
                              f'{config.dataset.source!r}; choose a model for this data')
@@ -88,6 +79,12 @@ def _model(config, field):
 
 def validate(config, num_devices):
   """Raises `errors.ConfigError` for the first problem found in a training config (see the module docstring)."""
+  batch_sizes = _fields(config)
+  _owners(config, num_devices, batch_sizes)
+
+
+def _fields(config):
+  """This module's checks (module docstring); returns the run's global batches, {config field: size}."""
   method = _choice(config, 'method', METHODS)
   _choice(config, 'on_nonfinite', step_builder.ON_NONFINITE)
   for field in ('seed', 'dataset.split_seed'):   # roots of jax.random.key and numpy's generators, which want >= 0
@@ -103,7 +100,6 @@ def validate(config, num_devices):
     for field in ('randaugment_num_ops', 'cutout_size', 'pad_crop'):
       _integer(config, f'dataset.{field}')
     _number(config, 'dataset.randaugment_magnitude')
-    augment.check_config(config.dataset)   # the views' ranges
   num_labeled = _integer(config, 'dataset.num_labeled', 1)
   if num_labeled < num_classes:
     raise errors.ConfigError(f'dataset.num_labeled: {num_labeled} labeled examples leave some of the {num_classes} '
@@ -117,26 +113,23 @@ def validate(config, num_devices):
                              '--config.dataset.data_dir=PATH')
 
   # Models.
-  _model(config, 'model')
+  _model_input(config, 'model')
   if config.student_model.name:
-    _model(config, 'student_model')
+    _model_input(config, 'student_model')
   elif _get(config, 'student_model.remat') != 'none':
     raise errors.ConfigError(f'student_model.remat: {config.student_model.remat!r} applies only with '
                              'student_model.name set; with name empty the student is `model`, remat included: set '
                              'model.remat, or name the student')
 
-  # Warm starts: the format and the directory here; the network's architecture when the run builds its state.
-  for field in ('teacher_init', 'student_init'):
+  # Warm starts: the format here; the directory is `warm_start.check_reference`'s, the network's architecture
+  # is checked when the run builds its state.
+  for field in warm_start.FIELDS:
     reference = _get(config, field)
     if not isinstance(reference, str):
       raise errors.ConfigError(f"{field}: must be a string (a workdir 'W', 'W:<network>' or an exported "
                                f'directory), got {reference!r}')
     if reference and field == 'student_init' and method != 'mpl':
       raise errors.ConfigError(f"student_init: method {method!r} trains no student; use teacher_init for its network")
-    directory, _ = trained_models.parse_reference(reference)
-    if reference and not run_directory.as_path(directory).is_dir():   # a gs:// URL stays one
-      raise errors.ConfigError(f'{field}: {directory} is not a directory; name a training workdir or an exported '
-                               'model directory')
 
   # Steps and cadence.
   _integer(config, 'num_train_steps', 1)
@@ -146,14 +139,15 @@ def validate(config, num_devices):
     _integer(config, field, 1)
   _integer(config, 'uda.ramp_steps', 1)
 
-  # Losses and optimizers.
+  # Losses and optimizers: types and finiteness here, the ranges are the owners' (`_owners`).
   for field in ('label_smoothing', 'ema_decay', 'mpl.h_sign', 'mpl.baseline_rate', 'uda.weight', 'uda.temperature',
                 'uda.threshold'):
-    _number(config, field)   # a finite number; its range is mpl.MplHparams' (and UdaHparams'), checked below
-  _optimizer(config, 'teacher_optimizer')
-  _optimizer(config, 'student_optimizer')
-  _optimizer(config, 'finetune.optimizer')
-  mpl.MplHparams.from_config(config)   # the MPL fields' ranges and combinations (module docstring)
+    _number(config, field)
+  for name in ('teacher_optimizer', 'student_optimizer', 'finetune.optimizer'):
+    for field in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'momentum'):
+      _number(config, f'{name}.{field}')
+    for field in ('warmup_steps', 'wait_steps'):
+      _integer(config, f'{name}.{field}', 0)
   if method == 'mpl' and config.mpl.teacher == 'reduced':
     # Reduced MPL (App. E): T_R on a trained teacher's stored targets (reduced.targets_dir: trained/teacher_targets.py
     # checks them when the run starts; compile_check needs none).
@@ -170,24 +164,33 @@ def validate(config, num_devices):
                              f'has num_train_steps={num_train_steps}, so it would never learn; lower '
                              '--config.student_optimizer.wait_steps (a `:cpu` config waits 10 % of its steps)')
 
-  # Batches against the mesh: each batch is split over the data x fsdp devices, image widths over spatial.
-  data, fsdp, spatial = sharding.mesh_shape(config.mesh, num_devices)
-  if spatial > 1 and config.dataset.source != 'two_moons' and config.dataset.image_size % spatial:
-    raise errors.ConfigError(f'dataset.image_size: {config.dataset.image_size} is not divisible by mesh.spatial='
-                             f'{spatial} (the image width is split into that many strips); use a multiple of '
-                             f'{spatial} or a smaller mesh.spatial')
-  batch_devices = data * fsdp
+  # Batches: each is split over the mesh's data x fsdp devices (`sharding.check_config`).
   batch_size = _integer(config, 'batch_size', 1)
-  batches = {'batch_size': batch_size, 'eval_batch_size': _integer(config, 'eval_batch_size', 1)}
+  batch_sizes = {'batch_size': batch_size, 'eval_batch_size': _integer(config, 'eval_batch_size', 1)}
   if method == 'mpl' and config.finetune.num_steps:
-    batches['finetune.batch_size'] = _integer(config, 'finetune.batch_size', 1)
+    batch_sizes['finetune.batch_size'] = _integer(config, 'finetune.batch_size', 1)
   if method in ('mpl', 'uda'):
-    uda_ratio = _integer(config, 'uda_ratio', 1)
-    batches['batch_size * uda_ratio'] = batch_size * uda_ratio
-  for field, size in batches.items():
-    sharding.check_batch_divides(size, batch_devices, field)
-  _integer(config, 'batch_norm_group_size', 0)
-  group = config.batch_norm_group_size
+    batch_sizes['batch_size * uda_ratio'] = batch_size * _integer(config, 'uda_ratio', 1)
+  group = _integer(config, 'batch_norm_group_size', 0)
   if group and batch_size % group:
     raise errors.ConfigError(f'batch_norm_group_size: {group} does not divide batch_size {batch_size}; '
                              'use a divisor of the batch size, or 0 for the whole batch')
+  return batch_sizes
+
+
+def _owners(config, num_devices, batch_sizes):
+  """Every owner's rules on the sub-config it owns (module docstring), once `_fields` has checked their types."""
+  warm_start.check_reference(config.teacher_init, 'teacher_init')
+  warm_start.check_reference(config.student_init, 'student_init')
+  models.check_config(config.model, 'model')
+  if config.student_model.name:
+    models.check_config(config.student_model, 'student_model')
+  optimizers.check_config(config.teacher_optimizer, 'teacher_optimizer')
+  optimizers.check_config(config.student_optimizer, 'student_optimizer')
+  optimizers.check_config(config.finetune.optimizer, 'finetune.optimizer')
+  mpl.MplHparams.from_config(config)
+  image_data = config.dataset.source != 'two_moons'
+  sharding.check_config(config.mesh, num_devices, batch_sizes,
+                        image_size=config.dataset.image_size if image_data else None)
+  if image_data:
+    augment.check_config(config.dataset)

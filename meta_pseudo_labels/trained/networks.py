@@ -70,3 +70,17 @@ def of_run(method, finetune_steps, reduced_teacher=False):
 def final(method, finetune_steps):
   """The run's final network (what a workdir 'W' alone names): its last phase's final network."""
   return PHASE_FINAL_NETWORK[FINETUNE if method == MPL and finetune_steps else method]
+
+
+def parse_reference(reference):
+  """'W' | 'W:<network or phase>' | an exported directory -> (directory, network name or None): how a warm start,
+  `predict --model` and `export --model` name a network of this table.
+
+  The suffix counts only if it names a network or phase, so paths with colons (gs://...) stay whole.
+  """
+  directory, _, suffix = reference.rpartition(':')
+  if directory and suffix in PHASE_FINAL_NETWORK:
+    return directory, PHASE_FINAL_NETWORK[suffix].name
+  if directory and suffix in NETWORKS:
+    return directory, suffix
+  return reference, None
