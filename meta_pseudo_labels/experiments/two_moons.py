@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels.data import synthetic
+from meta_pseudo_labels.data import data_sources
 from meta_pseudo_labels.execution import workload
 from meta_pseudo_labels.method import mpl
 from meta_pseudo_labels.method import train_state
@@ -351,7 +351,7 @@ def run(config, workdir):
   dominates the sweep's time on a laptop.
   """
   start = time.time()
-  points, labels = synthetic.make_two_moons(seed=config.dataset.split_seed)   # 2000 points, noise 0.1
+  points, labels = data_sources.make_two_moons(seed=config.dataset.split_seed)   # 2000 points, noise 0.1
   points, labels = np.asarray(points, np.float32), np.asarray(labels, np.int32)
   _check(config, labels)
   names = method_names(config)
