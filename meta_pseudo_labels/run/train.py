@@ -391,9 +391,9 @@ def train_and_evaluate(config, workdir):
   changed = rundir.check_compatible(config_dict)
   if changed:
     logging.warning('Resuming %s with changed fields %s', workdir, changed)
+  mesh = sharding.create_mesh(config.mesh)
   pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-  mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
   initial_networks = warm_start.load(config, main_phase.init, pipeline.num_classes, rundir, main_phase.name)
   if jax.process_index() == 0:
