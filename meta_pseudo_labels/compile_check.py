@@ -390,7 +390,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"FLOPs per step: {result['flops_per_device']:.4g} per device, {result['flops_per_step']:.4g} on all "
         f"{result['num_devices']} devices",
         f"largest buffers: {buffers or 'not reported'}",
-        f"fits: {'yes' if result['fits'] else 'NO, does not fit: ' + _total_over_hbm(m) + '; largest buffers: ' + buffers}",
+        'fits: ' + ('yes' if result['fits'] else f'NO, does not fit: {_total_over_hbm(m)}; largest buffers: {buffers}'),
     ]
   else:
     lines += ['FLOPs per step: not available (XLA stops before its cost analysis when memory does not fit)',

@@ -28,7 +28,8 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
   network, the highest picked (the first in grid order on a tie). Then the step budget on the three bases' curves at
   the picked settings: enough when the EMA network gains < `BUDGET_GAIN` of validation top-1 over the last fifth.
   Writes WORKDIR/fashion_mnist_bases.json, which `--config.sweep.bases=` hands to 'run': MPL rows reuse the picks
-  unchanged, and a base run the tuning finished at exactly a sweep run's config (seed 0) is read back, not rerun. The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
+  unchanged, and a base run the tuning finished at exactly a sweep run's config (seed 0) is read back, not rerun.
+  The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
 
 CPU hours: each run's CPU time (this process's user + system seconds spent training it, `rundir/sweeps.py`) and wall
 time, summed in the table's heading and the JSON.
