@@ -39,9 +39,6 @@ TABLE_FILE = 'two_moons_table.md'
 FIGURE_FILE = 'two_moons_boundaries.png'
 INPUT_SHAPE = (2,)
 FINAL_FRACTION = 0.1   # training metrics are also summarised over this last fraction of the steps
-# XLA's default CPU backend optimisation: at 50k steps running, not compiling, dominates. Measured on mpl_exact
-# (10 seeds x 50k steps, one process, 2-core VM): 22.0 s process CPU time against 43.7 s at optimisation level 0
-# (which compiles faster and paid off at the old 5000 steps), the same accuracies to the printed digit.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +241,9 @@ def _run_method(config, method, teacher_model, student_model, points, labels, se
                         _accuracy(teacher_model, trained.teacher, points_array, labels_array))
     return student_accuracy, teacher_accuracy, trained.metrics, trained.student, split.labeled
 
+  # XLA's default CPU backend optimisation: at 50k steps running, not compiling, dominates. Measured on mpl_exact
+  # (10 seeds x 50k steps, one process, 2-core VM): 22.0 s process CPU time against 43.7 s at optimisation level 0
+  # (which compiles faster and paid off at the old 5000 steps), the same accuracies to the printed digit.
   return jax.jit(jax.vmap(one_seed))(seed_keys)
 
 
