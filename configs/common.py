@@ -1,9 +1,9 @@
 """The field set every config shares, and the schedule helpers (`follow_num_train_steps`, `:cpu`).
 
-The values are not neutral: they are the paper's CIFAR-10-4K setup (App. C), the setup the other experiments depart
-from, so a field an experiment config leaves alone has its CIFAR-10-4K value. configs/cifar10_4k.py states each of
-them again with its source, so that it reads as the paper's hyper-parameter table; the other configs set what
-their paper (or our choice) decides.
+The values are not neutral: they are the paper's CIFAR-10-4K setup (App. C), each marked with its source, the setup
+the other experiments depart from, so a field an experiment config leaves alone has its CIFAR-10-4K value. This is
+the one place they are stated: configs/cifar10_4k.py is this config as it stands; the other configs set what their
+paper (or our choice) decides.
 
 Sources: Pham et al., "Meta Pseudo Labels", CVPR 2021 (arXiv 2003.10580), Appendix C ("paper") and the authors'
 released hyper-parameters where the paper is silent ("release"). Anything chosen here is marked "ours".
@@ -32,7 +32,8 @@ def optimizer_config(*, learning_rate, warmup_steps, wait_steps=0, weight_decay=
 
 
 def get_base_config():
-  """The complete field set, at the CIFAR-10-4K values; experiment configs change values, never add fields."""
+  """The complete field set, at the CIFAR-10-4K values (configs/cifar10_4k.py); experiment configs change values,
+  never add fields."""
   config = ml_collections.ConfigDict()
   # 'train': one run (train.py); sweeps: 'two_moons' (Sec. 3.1), 'digits', 'fashion_mnist'; 'precompute_targets':
   # a trained teacher's targets for Reduced MPL (`reduced`)
@@ -42,26 +43,28 @@ def get_base_config():
 
   # ---- data -------------------------------------------------------------------------------------------------
   config.dataset = ml_collections.ConfigDict(dict(
-      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'idx' (MNIST format)
-                                # | 'digits' | 'two_moons'
-      name='cifar10',           # TFDS name (source 'tfds')
+      source='tfds',            # 'tfds' | 'folder' (<root>/<split>/<class>/*.png|jpg) | 'npz' | 'idx' (MNIST
+                                # format) | 'digits' | 'two_moons'
+      name='cifar10',           # paper: CIFAR-10-4K; the TFDS name (source 'tfds')
       data_dir='',              # TFDS data_dir, image-folder root, .npz path or idx directory; '' = TFDS default
       train_split='train',
       test_split='test',
       num_classes=10,
       image_size=32,            # model input size (square)
-      num_labeled=4000,         # class-balanced labeled subset of train, chosen by `split_seed`
-      num_validation=5000,      # held out of train for model selection (never the test split)
-      num_unlabeled=-1,         # -1: all of train not labeled and not validation
+      num_labeled=4000,         # paper: 4000 labeled (400 per class), a class-balanced subset of train chosen by
+                                # `split_seed`
+      num_validation=5000,      # paper: 5000 held out of train for model selection (never the test split)
+      num_unlabeled=-1,         # -1: all of train not labeled and not validation (paper: the remaining 41000)
       split_seed=0,             # which examples are labeled / validation
       unlabeled_source='',      # '' = rest of train; else a TFDS name 'name[:split]' as extra unlabeled pool
-      augment='cifar',          # 'cifar' (flip + pad-crop; RandAugment+Cutout strong) | 'digits' | 'imagenet' | 'none'
+      augment='cifar',          # paper: 'cifar' (flip + pad-4 crop weak; RandAugment + Cutout strong) | 'digits'
+                                # | 'imagenet' | 'none'
       labeled_view='weak',      # the view of the labeled images outside finetuning: 'weak' | 'strong' (the paper's
                                 # RandAugment baseline, Table 3: supervised on RandAugment views)
-      randaugment_num_ops=2,
-      randaugment_magnitude=16,
-      cutout_size=16,
-      pad_crop=4,
+      randaugment_num_ops=2,    # paper: 2 ops
+      randaugment_magnitude=16, # paper: magnitude 16
+      cutout_size=16,           # paper: 16x16 Cutout
+      pad_crop=4,               # paper: pad 4, random crop
       in_memory=True,           # small datasets: index-based, bitwise-resumable pipeline
       shuffle_buffer=16384,     # streaming (in_memory=False) pipelines only
       prefetch=2,
@@ -69,14 +72,15 @@ def get_base_config():
 
   # ---- models -----------------------------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict(dict(
-      name='wrn28_2',           # registry name, see meta_pseudo_labels/models
-      dropout_rate=0.2,
-      bn_momentum=0.99,
+      name='wrn28_2',           # paper: WRN-28-2 (leaky ReLU 0.2); a registry name, see meta_pseudo_labels/models
+      dropout_rate=0.2,         # paper: dropout 0.2 on the dense layer
+      bn_momentum=0.99,         # release
       drop_connect_rate=0.0,    # EfficientNet only
       dtype='float32',          # compute dtype ('bfloat16' on TPU); params stay float32
       remat='none',             # rematerialisation of every block: 'none', 'block', 'dots' (models/remat.py)
   ))
-  # name '' = the student is `model` (its remat included); else a full override: its own name and remat.
+  # name '' = the student is `model` (its remat included; paper: the same WRN-28-2); else a full override: its own
+  # name and remat.
   config.student_model = ml_collections.ConfigDict(dict(name='', remat='none'))
   # Warm starts (ours; warm_start.py): start a network from a trained one, its parameters and BatchNorm statistics
   # (not its optimizer). '' = fresh init; else a workdir 'W' (its final network), 'W:<network>' (teacher, student,
@@ -86,45 +90,50 @@ def get_base_config():
   config.student_init = ''      # the student (method 'mpl' only)
 
   # ---- batch ------------------------------------------------------------------------------------------------
-  config.batch_size = 128       # labeled examples per step (global)
-  config.uda_ratio = 7          # mu: unlabeled examples per labeled example
-  config.eval_batch_size = 256
+  config.batch_size = 128       # paper: labeled examples per step (global)
+  config.uda_ratio = 7          # paper: mu = 7 unlabeled examples per labeled example (896 per step)
+  config.eval_batch_size = 256  # ours
 
   # ---- MPL --------------------------------------------------------------------------------------------------
   config.mpl = ml_collections.ConfigDict(dict(
-      feedback='hard_taylor',   # 'exact' | 'hard_dot' | 'hard_taylor' | 'none' (UDA teacher + distillation)
-      h_sign=1.0,               # +1: h = CE_old - CE_new (correct); -1: the flipped sign of released code
-      baseline_rate=0.0,        # alpha of the moving-average baseline b <- b + alpha (h - b); 0 disables
-      pseudo_labels='sampled',  # 'sampled' (paper) | 'argmax' (released code) | 'soft'; 'exact' always uses soft
+      # paper: 'hard_taylor', hard pseudo labels and first-order h (Sec. 2, App. A) | 'exact' | 'hard_dot' |
+      # 'none' (UDA teacher + distillation)
+      feedback='hard_taylor',
+      h_sign=1.0,               # +1: h = CE_old - CE_new (correct, MPL_SPEC.md); -1: the flipped sign of released code
+      baseline_rate=0.0,        # ours, 0 disables: alpha of the moving-average baseline b <- b + alpha (h - b)
+      pseudo_labels='sampled',  # 'sampled' (paper, Sec. 2) | 'argmax' (released code) | 'soft'; 'exact' always soft
       teacher='network',        # 'network' | 'reduced': Reduced MPL's T_R on stored targets (App. E; `reduced`)
   ))
   # Reduced MPL (paper App. E; README "Reduced Meta Pseudo Labels"): a trained teacher's distributions on the
   # unlabeled pool, precomputed once (experiment 'precompute_targets'), read by the reduced teacher T_R.
   config.reduced = ml_collections.ConfigDict(dict(
-      teacher='',               # precompute: the trained teacher, 'W' or 'W:<network>' (model_ema, student_finetuned...)
+      teacher='',               # precompute: the trained teacher, 'W' or 'W:<network>' (model_ema,
+                                # student_finetuned, ...)
       targets_dir='',           # training with mpl.teacher='reduced': the precompute's --workdir
       top_k=8,                  # ours: classes stored per image (4k+2 bytes; the rest mass spread evenly)
       hidden_sizes=(512, 512),  # ours: T_R's ReLU MLP (App. E: "a multi-layer perceptron", size not checked here)
       chunk_size=4096,          # precompute: images per file (the unit of resume)
   ))
-  config.label_smoothing = 0.15
+  config.label_smoothing = 0.15   # paper
   config.uda = ml_collections.ConfigDict(dict(
-      weight=8.0,               # lambda_u
-      temperature=0.7,          # tau
-      threshold=0.6,            # confidence mask
-      ramp_steps=5000,          # w(t) = weight * min(1, (t+1)/ramp_steps)
+      weight=8.0,               # paper: lambda_u = 8
+      temperature=0.7,          # paper: tau = 0.7
+      threshold=0.6,            # paper: confidence mask 0.6
+      ramp_steps=5000,          # paper: w(t) = weight * min(1, (t+1)/ramp_steps), ramped up over 5k steps
   ))
-  config.ema_decay = 0.995      # student EMA; effective decay min(d, (t+1)/(t+10))
+  config.ema_decay = 0.995      # paper: student EMA; effective decay min(d, (t+1)/(t+10))
 
   # ---- optimisation -----------------------------------------------------------------------------------------
-  config.num_train_steps = 300_000
+  config.num_train_steps = 300_000   # paper
+  # paper: lr 0.05, linear warmup over 5k steps then cosine, weight decay 5e-4 (not on BatchNorm); the student
+  # waits 3k steps at lr 0
   config.teacher_optimizer = optimizer_config(learning_rate=0.05, warmup_steps=5000, weight_decay=5e-4)
   config.student_optimizer = optimizer_config(learning_rate=0.05, warmup_steps=5000, wait_steps=3000,
                                               weight_decay=5e-4)
   config.finetune = ml_collections.ConfigDict(dict(
-      num_steps=1000,           # 0 skips finetuning
-      batch_size=512,
-      optimizer=optimizer_config(learning_rate=1e-5, warmup_steps=0, schedule='constant'),
+      num_steps=1000,           # paper: 1000 steps on the labeled data; 0 skips finetuning
+      batch_size=512,           # paper
+      optimizer=optimizer_config(learning_rate=1e-5, warmup_steps=0, schedule='constant'),   # paper: SGD lr 1e-5
   ))
 
   # ---- distribution -----------------------------------------------------------------------------------------
@@ -147,10 +156,10 @@ def get_base_config():
   ))
 
   # ---- loop -------------------------------------------------------------------------------------------------
-  config.log_every_steps = 100
-  config.eval_every_steps = 5000
-  config.checkpoint_every_steps = 5000
-  config.keep_checkpoints = 3
+  config.log_every_steps = 100          # ours
+  config.eval_every_steps = 5000        # ours
+  config.checkpoint_every_steps = 5000  # ours
+  config.keep_checkpoints = 3           # ours
   config.on_nonfinite = 'stop'  # 'stop' | 'skip'
   # Training steps per call of the jitted step (a loop over stacked batches; equal to one step per call up to
   # float32 rounding): fewer dispatches and transfers, for accelerators. Keep 1 on CPU: XLA:CPU ran WRN-10-1's MPL

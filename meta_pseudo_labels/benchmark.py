@@ -248,7 +248,9 @@ def measure_steps(config, *, feedback_modes: Sequence[str], warmup: int, repeats
   for mode in feedback_modes:
     hparams = dataclasses.replace(base_hparams, feedback=mode,
                                   pseudo_labels='sampled' if mode != 'exact' else base_hparams.pseudo_labels)
-    state = jax.jit(lambda r: train_state.create_mpl_state(r, config, teacher_model, student_model, shape))(rng)
+    state = jax.jit(lambda r: train_state.create_mpl_state(
+        r, teacher_model, student_model, shape, teacher_optimizer=config.teacher_optimizer,
+        student_optimizer=config.student_optimizer, total_steps=total))(rng)
     steps[f'mpl_{mode}'] = measure_step(functools.partial(mpl.mpl_step, hparams=hparams), state, batch, rng,
                                         examples=labeled + unlabeled, warmup=warmup, repeats=repeats,
                                         reference=reference if mode == 'hard_taylor' else None)

@@ -219,10 +219,13 @@ def lower_mpl_step(config, devices):
   rng = jax.eval_shape(lambda: jax.random.key(config.seed))
   example_shape = workload.input_shape(config)
   reduced = workload.is_reduced(config)
+  optimizers = dict(teacher_optimizer=config.teacher_optimizer, student_optimizer=config.student_optimizer,
+                    total_steps=config.num_train_steps)
   if reduced:   # Reduced MPL (App. E): T_R on stored targets in the teacher's place; no large teacher in memory
-    create = lambda r: train_state.create_reduced_mpl_state(r, config, student, example_shape)
+    create = lambda r: train_state.create_reduced_mpl_state(r, config.reduced, config.dataset.num_classes, student,
+                                                            example_shape, **optimizers)
   else:
-    create = lambda r: train_state.create_mpl_state(r, config, teacher, student, example_shape)
+    create = lambda r: train_state.create_mpl_state(r, teacher, student, example_shape, **optimizers)
   state = jax.eval_shape(create, rng)
   state_shardings = sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
   batch = workload.abstract_batch(config)
@@ -387,7 +390,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"FLOPs per step: {result['flops_per_device']:.4g} per device, {result['flops_per_step']:.4g} on all "
         f"{result['num_devices']} devices",
         f"largest buffers: {buffers or 'not reported'}",
-        f"fits: {'yes' if result['fits'] else 'NO, does not fit: ' + _total_over_hbm(m) + '; largest buffers: ' + buffers}",
+        'fits: ' + ('yes' if result['fits'] else f'NO, does not fit: {_total_over_hbm(m)}; largest buffers: {buffers}'),
     ]
   else:
     lines += ['FLOPs per step: not available (XLA stops before its cost analysis when memory does not fit)',

@@ -53,10 +53,10 @@ def optimizer_config(learning_rate=0.1, warmup_steps=0, wait_steps=0, weight_dec
                                nesterov=nesterov, schedule=schedule)
 
 
-def mpl_config(teacher_optimizer=None, student_optimizer=None, num_train_steps=100):
-  return types.SimpleNamespace(teacher_optimizer=teacher_optimizer or optimizer_config(),
-                               student_optimizer=student_optimizer or optimizer_config(),
-                               num_train_steps=num_train_steps)
+def mpl_optimizers(teacher_optimizer=None, student_optimizer=None, total_steps=100):
+  """The optimizer arguments of `train_state.create_mpl_state` (and `create_reduced_mpl_state`)."""
+  return dict(teacher_optimizer=teacher_optimizer or optimizer_config(),
+              student_optimizer=student_optimizer or optimizer_config(), total_steps=total_steps)
 
 
 def make_batch(rng, input_shape, labeled=4, mu=2, num_classes=NUM_CLASSES, dtype=jnp.float32):
@@ -69,9 +69,10 @@ def make_batch(rng, input_shape, labeled=4, mu=2, num_classes=NUM_CLASSES, dtype
   }
 
 
-def make_mpl_state(name, config=None, seed=0):
+def make_mpl_state(name, optimizers=None, seed=0):
   model, input_shape = MODELS[name]
-  return train_state.create_mpl_state(jax.random.key(seed), config or mpl_config(), model, model, input_shape)
+  return train_state.create_mpl_state(jax.random.key(seed), model, model, input_shape,
+                                      **(optimizers or mpl_optimizers()))
 
 
 def to_float64(tree):

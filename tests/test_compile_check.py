@@ -109,8 +109,8 @@ def test_command_line_mesh_error_is_one_line():
   result = subprocess.run(
       [sys.executable, '-m', 'meta_pseudo_labels.compile_check', '--config=configs/two_moons.py',
        '--topology=v5e-4', '--config.mesh.data=3'],
-      cwd=pathlib.Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300, env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin',
-                                                        'TF_CPP_MIN_LOG_LEVEL': '3'})
+      cwd=pathlib.Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+      env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin', 'TF_CPP_MIN_LOG_LEVEL': '3'})
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith('error: mesh: data x fsdp x spatial = data=3')
 

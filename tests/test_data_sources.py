@@ -1,4 +1,4 @@
-"""data_sources.py and synthetic.py: each source loads what it should, and bad data gives a one-line error."""
+"""data_sources.py: each source loads what it should, and bad data gives a one-line error."""
 
 import gzip
 import os
@@ -10,7 +10,6 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from meta_pseudo_labels.data import data_sources
-from meta_pseudo_labels.data import synthetic
 from meta_pseudo_labels.errors import ConfigError, DataError
 
 
@@ -45,12 +44,12 @@ def write_image_folder(root, splits=('train', 'test'), classes=('cat', 'ant', 'b
 
 
 def test_two_moons_has_1000_points_per_moon_and_is_seeded():
-  x, y = synthetic.make_two_moons(num_points=2000, noise=0.1, seed=3)
+  x, y = data_sources.make_two_moons(num_points=2000, noise=0.1, seed=3)
   assert x.shape == (2000, 2) and x.dtype == np.float32 and y.dtype == np.int32
   assert np.bincount(y).tolist() == [1000, 1000]
-  np.testing.assert_array_equal(x, synthetic.make_two_moons(2000, 0.1, seed=3)[0])
-  assert not np.array_equal(x, synthetic.make_two_moons(2000, 0.1, seed=4)[0])
-  clean, labels = synthetic.make_two_moons(200, noise=0.0, seed=0)
+  np.testing.assert_array_equal(x, data_sources.make_two_moons(2000, 0.1, seed=3)[0])
+  assert not np.array_equal(x, data_sources.make_two_moons(2000, 0.1, seed=4)[0])
+  clean, labels = data_sources.make_two_moons(200, noise=0.0, seed=0)
   upper = clean[labels == 0]
   np.testing.assert_allclose(np.hypot(*upper.T), 1.0, atol=1e-6)  # moon 0 lies on the unit circle
   assert (upper[:, 1] >= -1e-6).all() and (clean[labels == 1][:, 1] <= 0.5 + 1e-6).all()

@@ -18,8 +18,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'meta_pseudo_labels'
-PROGRAMS = frozenset({'meta_pseudo_labels.run.train', 'meta_pseudo_labels.benchmark', 'meta_pseudo_labels.compile_check',
-                      'meta_pseudo_labels.main', 'meta_pseudo_labels.predict', 'meta_pseudo_labels.export'} | {
+PROGRAMS = frozenset({'meta_pseudo_labels.run.train', 'meta_pseudo_labels.benchmark',
+                      'meta_pseudo_labels.compile_check', 'meta_pseudo_labels.main', 'meta_pseudo_labels.predict',
+                      'meta_pseudo_labels.export'} | {
                           f'meta_pseudo_labels.experiments.{path.stem}'
                           for path in (PACKAGE / 'experiments').glob('*.py') if path.stem != '__init__'})
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu')

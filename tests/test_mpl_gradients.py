@@ -273,11 +273,11 @@ def test_mpl_step_teacher_update_is_the_gradient_of_the_teacher_objective(feedba
   out here unfused, and checked against autodiff and central differences.
   """
   teacher_lr = 0.3
-  config = tm.mpl_config(teacher_optimizer=tm.optimizer_config(learning_rate=teacher_lr),
-                         student_optimizer=tm.optimizer_config(learning_rate=0.5, momentum=0.9, nesterov=True,
-                                                               weight_decay=1e-3))
+  optimizers = tm.mpl_optimizers(teacher_optimizer=tm.optimizer_config(learning_rate=teacher_lr),
+                                 student_optimizer=tm.optimizer_config(learning_rate=0.5, momentum=0.9,
+                                                                       nesterov=True, weight_decay=1e-3))
   model, input_shape = tm.MODELS['convnet']
-  state = tm.to_float64(jit(lambda: tm.make_mpl_state('convnet', config))())
+  state = tm.to_float64(jit(lambda: tm.make_mpl_state('convnet', optimizers))())
   batch = tm.to_float64(tm.make_batch(jax.random.key(5), input_shape))
   rng = jax.random.key(7)
   hparams = mpl.MplHparams(feedback=feedback, **HPARAMS)

@@ -24,7 +24,7 @@ import mpl_test_models as tm
 
 UDA = mpl.UdaHparams(weight=8.0, temperature=0.7, threshold=0.6, ramp_steps=5)
 # Student waits one step (lr 0), then learns: step 0 must give h == 0 exactly, step 1 must not.
-WAITING_CONFIG = tm.mpl_config(
+WAITING_OPTIMIZERS = tm.mpl_optimizers(
     teacher_optimizer=tm.optimizer_config(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
     student_optimizer=tm.optimizer_config(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                                           wait_steps=1, grad_clip_norm=5.0))
@@ -43,7 +43,7 @@ jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 @functools.cache
 def initial_state(name):
   """Host copy of the MPL state of a tiny test model (one jitted init; the device copy of a step is donated)."""
-  return jax.tree.map(np.asarray, jit(lambda: tm.make_mpl_state(name, WAITING_CONFIG))())
+  return jax.tree.map(np.asarray, jit(lambda: tm.make_mpl_state(name, WAITING_OPTIMIZERS))())
 
 
 @functools.cache
@@ -182,8 +182,8 @@ def test_hparams_from_config_and_one_line_errors():
 
 def test_create_mpl_state_is_pure_and_traceable():
   model, input_shape = tm.MODELS['convnet']
-  create = functools.partial(train_state.create_mpl_state, config=WAITING_CONFIG, teacher_model=model,
-                             student_model=model, input_shape=input_shape)
+  create = functools.partial(train_state.create_mpl_state, teacher_model=model, student_model=model,
+                             input_shape=input_shape, **WAITING_OPTIMIZERS)
   abstract = jax.eval_shape(create, jax.random.key(0))
   concrete = jit(create)(jax.random.key(0))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype),
@@ -240,11 +240,11 @@ def compiled_flops(fn, *args):
 def mpl_step_flop_ratio(model, input_shape, labeled, mu, feedback='hard_taylor'):
   """FLOPs of the jitted mpl_step / (teacher fwd+bwd on [x_l; x_w; x_s] + student fwd+bwd on x_s + 2 student
   forwards on x_l), each part compiled standalone with the same model and batch (XLA cost analysis)."""
-  config = tm.mpl_config(
+  optimizers = tm.mpl_optimizers(
       teacher_optimizer=tm.optimizer_config(momentum=0.9, nesterov=True, weight_decay=5e-4),
       student_optimizer=tm.optimizer_config(momentum=0.9, nesterov=True, weight_decay=5e-4, grad_clip_norm=5.0))
-  state = jax.eval_shape(lambda: train_state.create_mpl_state(jax.random.key(0), config, model, model,
-                                                              input_shape))
+  state = jax.eval_shape(lambda: train_state.create_mpl_state(jax.random.key(0), model, model, input_shape,
+                                                              **optimizers))
   batch = jax.eval_shape(lambda: tm.make_batch(jax.random.key(1), input_shape, labeled=labeled, mu=mu))
   rng = jax.random.key(0)
 
@@ -317,7 +317,7 @@ def registry_model(name):
 
 def registry_create_fn(name):
   model, input_shape = registry_model(name)
-  return lambda rng: train_state.create_mpl_state(rng, tm.mpl_config(), model, model, input_shape)
+  return lambda rng: train_state.create_mpl_state(rng, model, model, input_shape, **tm.mpl_optimizers())
 
 
 def registry_batch(name):

@@ -21,12 +21,16 @@ TOP_K = 2
 HIDDEN = (8,)
 
 
-def reduced_config(student_lr=0.1, teacher_lr=0.1):
-  config = tm.mpl_config(teacher_optimizer=tm.optimizer_config(learning_rate=teacher_lr),
-                         student_optimizer=tm.optimizer_config(learning_rate=student_lr))
-  config.dataset = types.SimpleNamespace(num_classes=NUM_CLASSES)
-  config.reduced = types.SimpleNamespace(top_k=TOP_K, hidden_sizes=HIDDEN)
-  return config
+REDUCED = types.SimpleNamespace(top_k=TOP_K, hidden_sizes=HIDDEN)
+
+
+def reduced_mpl_state(student_lr=0.1, teacher_lr=0.1):
+  """The Reduced MPL state of the tiny MLP student and T_R (REDUCED), from key 0."""
+  student_model, input_shape = tm.MODELS['mlp']
+  optimizers = tm.mpl_optimizers(teacher_optimizer=tm.optimizer_config(learning_rate=teacher_lr),
+                                 student_optimizer=tm.optimizer_config(learning_rate=student_lr))
+  return train_state.create_reduced_mpl_state(jax.random.key(0), REDUCED, NUM_CLASSES, student_model, input_shape,
+                                              **optimizers)
 
 
 def reduced_batch(seed, input_shape=(6,), labeled=4, mu=2):
@@ -83,10 +87,7 @@ def _perturbed(variables, seed, scale=0.3):
 
 def test_exact_meta_gradient_matches_float64_finite_differences_and_the_step():
   with jax.enable_x64(True):
-    config = reduced_config()
-    student_model, input_shape = tm.MODELS['mlp']
-    state = train_state.create_reduced_mpl_state(jax.random.key(0), config, student_model, input_shape)
-    state = tm.to_float64(state)
+    state = tm.to_float64(reduced_mpl_state())
     teacher = state.teacher.replace(**_perturbed(state.teacher.variables, 1))
     state = state.replace(teacher=teacher)
     batch = tm.to_float64(reduced_batch(2))
@@ -124,14 +125,12 @@ def test_exact_meta_gradient_matches_float64_finite_differences_and_the_step():
 
 
 def _one_step(feedback, pseudo_labels, student_lr=0.1, perturb=True):
-  config = reduced_config(student_lr=student_lr)
-  student_model, input_shape = tm.MODELS['mlp']
-  state = train_state.create_reduced_mpl_state(jax.random.key(0), config, student_model, input_shape)
+  state = reduced_mpl_state(student_lr=student_lr)
   if perturb:
     state = state.replace(teacher=state.teacher.replace(**_perturbed(state.teacher.variables, 1)))
   hparams = mpl.MplHparams(feedback=feedback, pseudo_labels=pseudo_labels, teacher='reduced')
   new_state, metrics = jax.jit(functools.partial(mpl.mpl_step, hparams=hparams))(
-      state, reduced_batch(2, input_shape), jax.random.key(3))
+      state, reduced_batch(2), jax.random.key(3))
   return state, new_state, metrics
 
 

@@ -276,8 +276,8 @@ def test_a_skipped_step_leaves_the_schedule_on_the_state_step(feedback):
   """'skip' keeps the old optimizer state; the step after it still uses, reports and (in 'exact') looks ahead with
   the learning rate of its own step: the student, waiting one step (lr 0, then 0.3), moves by exactly 0.3 * grad."""
   model = tm.TinyMLP(dropout_rate=0.0)   # no dropout: the student's gradient below needs no rng
-  config = tm.mpl_config(student_optimizer=tm.optimizer_config(learning_rate=0.3, wait_steps=1))
-  state = train_state.create_mpl_state(jax.random.key(0), config, model, model, (6,))
+  optimizers = tm.mpl_optimizers(student_optimizer=tm.optimizer_config(learning_rate=0.3, wait_steps=1))
+  state = train_state.create_mpl_state(jax.random.key(0), model, model, (6,), **optimizers)
   hparams = mpl.MplHparams(feedback=feedback, pseudo_labels='soft' if feedback == 'exact' else 'argmax')
   step_fn = functools.partial(mpl.mpl_step, hparams=hparams)
   batch = tm.make_batch(jax.random.key(1), (6,))

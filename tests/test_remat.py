@@ -56,7 +56,7 @@ def model(name, policy):
 def mpl_step(name, policy, feedback):
   """(compiled step, state, batch) of the MPL step of registry model `name` under `policy`, from seed 0."""
   net, shape = model(name, policy), CASES[name]
-  state = jax.jit(lambda r: train_state.create_mpl_state(r, tm.mpl_config(SGD, SGD), net, net, shape),
+  state = jax.jit(lambda r: train_state.create_mpl_state(r, net, net, shape, **tm.mpl_optimizers(SGD, SGD)),
                   compiler_options=FAST_COMPILE)(jax.random.key(0))
   batch = tm.make_batch(jax.random.key(1), shape, labeled=LABELED, mu=1, num_classes=10)
   hparams = mpl.MplHparams(feedback=feedback, label_smoothing=0.1, uda=mpl.UdaHparams(8.0, 0.7, 0.6, 5),

@@ -80,8 +80,9 @@ def init_fn(config):
     model = TinyConvNet(bn_group_size=config.batch_norm_group_size)
   else:
     model = models.create_model(config.model, NUM_CLASSES, bn_group_size=config.batch_norm_group_size)
-  return functools.partial(train_state.create_mpl_state, config=config, teacher_model=model, student_model=model,
-                           input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+  return functools.partial(train_state.create_mpl_state, teacher_model=model, student_model=model,
+                           input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), teacher_optimizer=config.teacher_optimizer,
+                           student_optimizer=config.student_optimizer, total_steps=config.num_train_steps)
 
 
 def run_single_device(config, batches):
@@ -216,7 +217,7 @@ def test_batch_shardings_and_errors():
                    'label': jax.sharding.PartitionSpec(('data', 'fsdp'))}
   with pytest.raises(errors.ConfigError, match="'label'.*not divisible by the 4 devices"):
     sharding.batch_shardings({'label': jax.ShapeDtypeStruct((6,), jnp.int32)}, mesh)
-  with pytest.raises(errors.ConfigError, match='image width 15'):
+  with pytest.raises(errors.ConfigError, match="image width of batch array 'image': 15 is not divisible"):
     sharding.batch_shardings({'image': jax.ShapeDtypeStruct((8, 15, 15, 3), jnp.float32)}, mesh)
 
 

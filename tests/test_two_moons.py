@@ -10,7 +10,7 @@ import pytest
 
 from configs import two_moons as two_moons_config
 from meta_pseudo_labels import errors
-from meta_pseudo_labels.data import synthetic
+from meta_pseudo_labels.data import data_sources
 from meta_pseudo_labels.experiments import two_moons
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def assert_outputs(workdir, names):
   assert set(results['config']) >= {'sweep', 'mpl', 'num_train_steps'}
   assert list(results['methods']) == list(names)
   for labeled in results['labeled_indices']:   # 3 labeled points per moon, all distinct
-    _, moons = synthetic.make_two_moons(seed=0)
+    _, moons = data_sources.make_two_moons(seed=0)
     assert len(set(labeled)) == 6 and np.bincount(moons[labeled], minlength=2).tolist() == [3, 3]
   for name in names:
     row = results['methods'][name]
@@ -99,7 +99,7 @@ def test_the_papers_row_samples_its_labels_and_the_ablations_differ_from_it_in_o
 def test_methods_share_labeled_points_and_initialisation():
   """Seed i draws the same labeled points and initial networks for every method; different seeds differ."""
   config = short_config()
-  _, labels = synthetic.make_two_moons(seed=config.dataset.split_seed)
+  _, labels = data_sources.make_two_moons(seed=config.dataset.split_seed)
   splits = [two_moons._choose_split(two_moons._seed_keys(config, seed).split, labels, 6) for seed in (0, 0, 1)]
   np.testing.assert_array_equal(splits[0].labeled, splits[1].labeled)
   assert set(np.asarray(splits[0].labeled)) != set(np.asarray(splits[2].labeled))

@@ -36,12 +36,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meta_pseudo_labels import errors
+
 FILL_VALUE = 128
 DIGITS_MAX_ROTATION = 15.0   # degrees
 DIGITS_MAX_SHEAR = 0.2       # x offset per row, about the centre (~11 degrees of slant)
 DIGITS_BACKGROUND = 0
 _MAX_LEVEL = 10.0
 CENTER_CROP_FRACTION = 0.875  # ImageNet evaluation: 224 of 256
+
+
+def check_config(dataset_config):
+  """One-line ConfigErrors for the image views' ranges, which they would otherwise take silently: a negative
+  RandAugment magnitude gives negative enhancement factors and a solarize threshold below 0 (every pixel inverted),
+  not a milder policy; a Cutout square larger than the image greys out most of every x_s (all of it from twice the
+  image size); the pad-and-crop's reflect padding needs pad < image size. The one place these ranges live: config
+  validation calls it before any work, once it has checked that the fields are integers and finite numbers."""
+  num_ops, magnitude = dataset_config.randaugment_num_ops, dataset_config.randaugment_magnitude
+  if num_ops < 0:
+    raise errors.ConfigError(f'dataset.randaugment_num_ops: must be an integer >= 0, got {num_ops!r}')
+  if magnitude < 0:
+    raise errors.ConfigError(f'dataset.randaugment_magnitude: must be a number >= 0, got {magnitude!r}')
+  image_size = dataset_config.image_size
+  for field, maximum, why in (('cutout_size', image_size, 'dataset.image_size'),
+                              ('pad_crop', image_size - 1, 'below dataset.image_size')):
+    value = getattr(dataset_config, field)
+    if not 0 <= value <= maximum:
+      raise errors.ConfigError(f'dataset.{field}: must be an integer in [0, {maximum}] ({why}), got {value!r}')
 
 
 def stored_size(kind, image_size):

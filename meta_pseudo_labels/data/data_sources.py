@@ -23,7 +23,6 @@ import os
 import numpy as np
 from PIL import Image
 
-from meta_pseudo_labels.data import synthetic
 from meta_pseudo_labels.data.dataset_choices import SOURCES
 from meta_pseudo_labels.errors import ConfigError, DataError
 
@@ -75,8 +74,8 @@ def load_in_memory(dataset_config, stored_size):
   elif source == 'digits':
     train, test = _digits_arrays(stored_size)
   elif source == 'two_moons':
-    train = Arrays(*synthetic.make_two_moons(TWO_MOONS_POINTS, TWO_MOONS_NOISE, seed=dataset_config.split_seed))
-    test = Arrays(*synthetic.make_two_moons(TWO_MOONS_POINTS, TWO_MOONS_NOISE, seed=dataset_config.split_seed + 1))
+    train = Arrays(*make_two_moons(TWO_MOONS_POINTS, TWO_MOONS_NOISE, seed=dataset_config.split_seed))
+    test = Arrays(*make_two_moons(TWO_MOONS_POINTS, TWO_MOONS_NOISE, seed=dataset_config.split_seed + 1))
   else:
     raise ConfigError(f"dataset.source: unknown source '{source}'; choose one of {list(SOURCES)}")
   check_labels(train.labels, dataset_config, dataset_config.train_split)
@@ -305,6 +304,32 @@ def _folder_arrays(root, split, class_names, stored_size):
                     f'{split_dir}/<class>/<name>.png|jpg')
   images = [fit_image(read_image(path), stored_size) for path in paths]
   return Arrays(np.stack(images), np.asarray(labels, np.int32))
+
+
+# ---- TwoMoon (paper, Sec. 3.1; pure numpy) -------------------------------------------------------------------
+
+def make_two_moons(num_points=2000, noise=0.1, seed=0):
+  """Two interleaving half circles, num_points // 2 per moon (the paper uses 2000 points, 1000 per moon).
+
+  Moon 0 is the upper half of the unit circle, moon 1 the lower half shifted to (1, 0.5); points are spread evenly
+  along each arc, perturbed by isotropic Gaussian noise of std `noise`, and returned in a seeded random order.
+
+  Returns:
+    x: float32 [num_points, 2]; y: int32 [num_points], the moon of each point.
+  """
+  if num_points < 2:
+    raise ValueError(f'num_points must be at least 2, got {num_points}')
+  rng = np.random.default_rng(seed)
+  num_first = num_points // 2
+  num_second = num_points - num_first
+  angle_first = np.linspace(0.0, np.pi, num_first)
+  angle_second = np.linspace(0.0, np.pi, num_second)
+  first = np.stack([np.cos(angle_first), np.sin(angle_first)], axis=1)
+  second = np.stack([1.0 - np.cos(angle_second), 0.5 - np.sin(angle_second)], axis=1)
+  x = np.concatenate([first, second]) + noise * rng.standard_normal((num_points, 2))
+  y = np.concatenate([np.zeros(num_first, np.int32), np.ones(num_second, np.int32)])
+  order = rng.permutation(num_points)
+  return x[order].astype(np.float32), y[order]
 
 
 # ---- scikit-learn digits -------------------------------------------------------------------------------------

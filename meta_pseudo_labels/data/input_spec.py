@@ -3,7 +3,8 @@
 `inputs.json` (`to_dict()`, written by `train` through rundir/run_directory.py next to config.json) holds the
 preprocessing of the eval splits (`input_pipeline.eval_input`): the stored-size fit, `augment.eval_view`'s kind and
 size and the per-channel normalisation, whose statistics come from an in-memory training split and exist nowhere
-else, plus the class names. No TensorFlow here: an exported model's metadata carries the same dict to machines with jax alone.
+else, plus the class names. No TensorFlow here: an exported model's metadata carries the same dict to machines with
+jax alone.
 """
 
 import dataclasses

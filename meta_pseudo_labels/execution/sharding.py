@@ -144,9 +144,29 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
       lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size, fsdp_min_size)), abstract_state)
 
 
+def check_config(mesh_config: Any, num_devices: int, batch_sizes: dict[str, int],
+                 image_size: Optional[int] = None) -> None:
+  """One-line ConfigErrors for a run's mesh before any work: its axes (`mesh_shape`), the image width
+  (`image_size`, None for vectors) against mesh.spatial and every global batch ({config field: size}) against the
+  data x fsdp devices."""
+  data, fsdp, spatial = mesh_shape(mesh_config, num_devices)
+  if image_size is not None:
+    check_width_divides(image_size, spatial, 'dataset.image_size')
+  for field, size in batch_sizes.items():
+    check_batch_divides(size, data * fsdp, field)
+
+
+def check_width_divides(width: int, spatial: int, name: str) -> None:
+  """An image's width is split into `spatial` strips: the one statement of that rule, used by `check_config`
+  (naming the config field) and by `batch_spec` (any batch a program shards)."""
+  if width % spatial:
+    raise errors.ConfigError(f'{name}: {width} is not divisible by mesh.spatial={spatial} (the image width is split '
+                             f'into that many strips); use a multiple of {spatial} or a smaller mesh.spatial')
+
+
 def check_batch_divides(size: int, batch_devices: int, name: str) -> None:
-  """A global batch is split evenly over the data x fsdp devices: the one statement of that rule, used by config
-  validation (naming the config field, before any work) and by `batch_spec` (any batch a program shards)."""
+  """A global batch is split evenly over the data x fsdp devices: the one statement of that rule, used by
+  `check_config` (naming the config field, before any work) and by `batch_spec` (any batch a program shards)."""
   if size % batch_devices:
     raise errors.ConfigError(
         f'{name}: {size} is not divisible by the {batch_devices} devices of the mesh axes data x fsdp; '
@@ -161,10 +181,7 @@ def batch_spec(shape: Sequence[int], mesh: Mesh, name: str = 'batch') -> P:
   check_batch_divides(shape[0], mesh.shape['data'] * mesh.shape[FSDP_AXIS], f'batch array {name!r}')
   spatial = mesh.shape[SPATIAL_AXIS]
   if spatial > 1 and len(shape) == 4:
-    if shape[IMAGE_WIDTH_DIM] % spatial:
-      raise errors.ConfigError(
-          f'mesh.spatial: the image width {shape[IMAGE_WIDTH_DIM]} of batch array {name!r} is not divisible by '
-          f'{spatial} spatial partitions; choose mesh.spatial dividing dataset.image_size')
+    check_width_divides(shape[IMAGE_WIDTH_DIM], spatial, f'the image width of batch array {name!r}')
     return P(BATCH_AXES, None, SPATIAL_AXIS, None)
   return P(BATCH_AXES)
 

@@ -23,7 +23,6 @@ import time
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import sweeps
-from meta_pseudo_labels.rundir.sweeps import Row
 from meta_pseudo_labels.rundir import reporting
 from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.trained import networks
@@ -32,17 +31,23 @@ RESULTS_FILE = 'digits_results.json'
 TABLE_FILE = 'digits_table.md'
 FIGURE_FILE = 'digits_validation.png'
 
+
+def _row(description, method, fields=()):
+  """A sweep row of `method`, reading the networks trained/networks.py names for it."""
+  return sweeps.Row(description, method, fields, **networks.sweep_networks(method))
+
+
 _HARD_SAMPLED = (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'sampled'))
 _NO_UDA = (('uda.weight', 0.0),)
 METHODS = {
-    'supervised': Row('labeled images only', 'supervised', _NO_UDA),
-    'uda': Row('the MPL teacher alone: labeled loss + UDA', 'uda'),
-    'mpl': Row('MPL (paper): sampled hard labels, hard_taylor, UDA teacher', 'mpl', _HARD_SAMPLED),
-    'mpl_exact': Row('MPL, soft labels, meta-gradient through the student step', 'mpl',
-                     (('mpl.feedback', 'exact'), ('mpl.pseudo_labels', 'soft'))),
-    'mpl_argmax': Row('ablation: argmax hard labels (released code)', 'mpl',
-                      (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'argmax'))),
-    'mpl_no_uda': Row('ablation: MPL without UDA in the teacher', 'mpl', _HARD_SAMPLED + _NO_UDA),
+    'supervised': _row('labeled images only', 'supervised', _NO_UDA),
+    'uda': _row('the MPL teacher alone: labeled loss + UDA', 'uda'),
+    'mpl': _row('MPL (paper): sampled hard labels, hard_taylor, UDA teacher', 'mpl', _HARD_SAMPLED),
+    'mpl_exact': _row('MPL, soft labels, meta-gradient through the student step', 'mpl',
+                      (('mpl.feedback', 'exact'), ('mpl.pseudo_labels', 'soft'))),
+    'mpl_argmax': _row('ablation: argmax hard labels (released code)', 'mpl',
+                        (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'argmax'))),
+    'mpl_no_uda': _row('ablation: MPL without UDA in the teacher', 'mpl', _HARD_SAMPLED + _NO_UDA),
 }
 
 

@@ -28,7 +28,8 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
   network, the highest picked (the first in grid order on a tie). Then the step budget on the three bases' curves at
   the picked settings: enough when the EMA network gains < `BUDGET_GAIN` of validation top-1 over the last fifth.
   Writes WORKDIR/fashion_mnist_bases.json, which `--config.sweep.bases=` hands to 'run': MPL rows reuse the picks
-  unchanged, and a base run the tuning finished at exactly a sweep run's config (seed 0) is read back, not rerun. The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
+  unchanged, and a base run the tuning finished at exactly a sweep run's config (seed 0) is read back, not rerun.
+  The test split is not read for any choice (its numbers are in the runs' results.json, unused here).
 
 CPU hours: each run's CPU time (this process's user + system seconds spent training it, `rundir/sweeps.py`) and wall
 time, summed in the table's heading and the JSON.
@@ -45,8 +46,9 @@ from absl import logging
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import sweeps
-from meta_pseudo_labels.rundir.sweeps import Row
 from meta_pseudo_labels.rundir import reporting
+from meta_pseudo_labels.rundir import run_directory
+from meta_pseudo_labels.trained import networks
 
 RESULTS_FILE = 'fashion_mnist_results.json'
 TABLE_FILE = 'fashion_mnist_table.md'
@@ -56,18 +58,24 @@ TUNING_TABLE_FILE = 'fashion_mnist_tuning.md'
 TUNING_FIGURE_FILE = 'fashion_mnist_tuning.png'
 DIAGNOSIS_FILE = 'diagnosis.json'   # in an MPL run's directory: student_diagnosis's measurements, computed once
 
+
+def _row(description, method, fields=()):
+  """A sweep row of `method`, reading the networks trained/networks.py names for it."""
+  return sweeps.Row(description, method, fields, **networks.sweep_networks(method))
+
+
 _NO_UDA = (('uda.weight', 0.0),)
 _STRONG_LABELED = (('dataset.labeled_view', 'strong'),)
 _MPL = (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'sampled'))
 ROWS = {
-    'supervised': Row('labeled images, weak views', 'supervised', _NO_UDA),
-    'randaugment': Row('labeled images, strong views (RandAugment + Cutout)', 'supervised', _NO_UDA + _STRONG_LABELED),
-    'uda': Row('labeled loss + UDA (the MPL teacher alone)', 'uda'),
-    'supervised_mpl': Row('MPL, teacher: supervised loss + feedback', 'mpl', _MPL + _NO_UDA),
-    'randaugment_mpl': Row('MPL, teacher: RandAugment loss + feedback', 'mpl', _MPL + _NO_UDA + _STRONG_LABELED),
-    'uda_mpl': Row('MPL (paper), teacher: UDA loss + feedback', 'mpl', _MPL),
-    'uda_mpl_control': Row('control: UDA teacher, feedback off (distil sampled labels, finetune)', 'mpl',
-                           (('mpl.feedback', 'none'), ('mpl.pseudo_labels', 'sampled'))),
+    'supervised': _row('labeled images, weak views', 'supervised', _NO_UDA),
+    'randaugment': _row('labeled images, strong views (RandAugment + Cutout)', 'supervised', _NO_UDA + _STRONG_LABELED),
+    'uda': _row('labeled loss + UDA (the MPL teacher alone)', 'uda'),
+    'supervised_mpl': _row('MPL, teacher: supervised loss + feedback', 'mpl', _MPL + _NO_UDA),
+    'randaugment_mpl': _row('MPL, teacher: RandAugment loss + feedback', 'mpl', _MPL + _NO_UDA + _STRONG_LABELED),
+    'uda_mpl': _row('MPL (paper), teacher: UDA loss + feedback', 'mpl', _MPL),
+    'uda_mpl_control': _row('control: UDA teacher, feedback off (distil sampled labels, finetune)', 'mpl',
+                            (('mpl.feedback', 'none'), ('mpl.pseudo_labels', 'sampled'))),
 }
 CLAIM_ROWS = ('supervised', 'uda', 'uda_mpl', 'uda_mpl_control')
 PAIRS = (('supervised_mpl', 'supervised'), ('randaugment_mpl', 'randaugment'), ('uda_mpl', 'uda'),
@@ -116,8 +124,7 @@ def _bases(config):
   if not config.sweep.bases:
     return {}
   try:
-    with open(config.sweep.bases) as f:
-      bases = json.load(f)
+    bases = json.loads(run_directory.as_path(config.sweep.bases).read_text())
   except (OSError, ValueError) as e:
     raise errors.ConfigError(f'sweep.bases: cannot read {config.sweep.bases} ({e}); run --config.sweep.mode='
                              'tune_bases first, it writes WORKDIR/fashion_mnist_bases.json') from None
@@ -137,14 +144,14 @@ def _run_dir(workdir, name, seed):
 def _diagnosis(run_dir):
   """The student_diagnosis program's measurements of a finished MPL run (run as a program: programs do not import
   one another), computed once and kept in the run's directory; None without the run's MPL checkpoint."""
-  path = os.path.join(run_dir, DIAGNOSIS_FILE)
-  if not os.path.isfile(path):
-    if not os.path.isdir(os.path.join(run_dir, 'checkpoints', 'mpl')):
+  rundir = run_directory.RunDirectory(run_dir)
+  path = rundir / DIAGNOSIS_FILE
+  if not path.exists():
+    if not rundir.has_checkpoints(networks.MPL):
       return None
     subprocess.run([sys.executable, '-m', 'meta_pseudo_labels.experiments.student_diagnosis', f'--workdir={run_dir}',
                     f'--output_json={path}'], check=True, stdout=subprocess.DEVNULL)
-  with open(path) as f:
-    return json.load(f)
+  return rundir.read_json(DIAGNOSIS_FILE, "student_diagnosis's output")
 
 
 def _sweep_runs(config, workdir, names, train_fn):
@@ -218,7 +225,7 @@ def run(config, workdir, *, train_fn):
   runs = _sweep_runs(config, workdir, names, train_fn)
   results = {name: sweeps.row_result(ROWS[name], runs[name]) for name in names}
   pairs = paired_differences(results)
-  os.makedirs(workdir, exist_ok=True)
+  run_directory.as_path(workdir).mkdir(parents=True, exist_ok=True)
   paths = {key: os.path.join(workdir, file) for key, file in
            (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}
   every_run = [one for name in names for one in runs[name]]
@@ -289,11 +296,9 @@ def tune_bases(config, workdir, *, train_fn):
            'selected_on': f'validation top-1 of the EMA network at the end of the run, seed {TUNING_SEED}',
            'cpu_hours': (sum(g['cpu_time_s'] for g in grid_results) + supervised['cpu_time_s']) / 3600}
   path = os.path.join(workdir, BASES_FILE)
-  with open(path, 'w') as f:
-    json.dump(bases, f, indent=1)
+  run_directory.write_bytes(run_directory.as_path(path), json.dumps(bases, indent=1))
   table = _tuning_table(bases)
-  with open(os.path.join(workdir, TUNING_TABLE_FILE), 'w') as f:
-    f.write(table)
+  run_directory.write_bytes(run_directory.as_path(os.path.join(workdir, TUNING_TABLE_FILE)), table)
   curves = {f"{g['stage']}: {g['setting']}": [g['validation_curve']] for g in grid_results}
   sweeps.plot_validation(os.path.join(workdir, TUNING_FIGURE_FILE), curves, config.num_train_steps,
                              f'Fashion-MNIST base tuning: validation top-1 of the EMA network, seed {TUNING_SEED}')

@@ -57,7 +57,10 @@ def _true_class_probability(apply_fn, variables, batches):
 
 def _restore_mpl_state(config, workdir, teacher_model, student_model, input_shape):
   abstract = jax.eval_shape(
-      lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape),
+      lambda rng: train_state.create_mpl_state(rng, teacher_model, student_model, input_shape,
+                                               teacher_optimizer=config.teacher_optimizer,
+                                               student_optimizer=config.student_optimizer,
+                                               total_steps=config.num_train_steps),
       jax.random.key(0))
   directory = run_directory.RunDirectory(workdir).checkpoints(networks.MPL)
   ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)

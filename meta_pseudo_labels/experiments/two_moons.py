@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meta_pseudo_labels import errors
-from meta_pseudo_labels.data import synthetic
+from meta_pseudo_labels.data import data_sources
 from meta_pseudo_labels.execution import workload
 from meta_pseudo_labels.method import mpl
 from meta_pseudo_labels.method import train_state
@@ -39,9 +39,6 @@ TABLE_FILE = 'two_moons_table.md'
 FIGURE_FILE = 'two_moons_boundaries.png'
 INPUT_SHAPE = (2,)
 FINAL_FRACTION = 0.1   # training metrics are also summarised over this last fraction of the steps
-# XLA's default CPU backend optimisation: at 50k steps running, not compiling, dominates. Measured on mpl_exact
-# (10 seeds x 50k steps, one process, 2-core VM): 22.0 s process CPU time against 43.7 s at optimisation level 0
-# (which compiles faster and paid off at the old 5000 steps), the same accuracies to the printed digit.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +198,9 @@ def _train_pseudo_labels(config, teacher_model, student_model, points, labels, s
 
 def _train_mpl(config, teacher_model, student_model, points, labels, split, keys):
   """MPL with the feedback mode and sign of `config.mpl`; the student is evaluated as trained (EMA off)."""
-  state = train_state.create_mpl_state(keys.init, config, teacher_model, student_model, INPUT_SHAPE)
+  state = train_state.create_mpl_state(keys.init, teacher_model, student_model, INPUT_SHAPE,
+                                       teacher_optimizer=config.teacher_optimizer,
+                                       student_optimizer=config.student_optimizer, total_steps=config.num_train_steps)
   hparams = mpl.MplHparams.from_config(config)
 
   def batch_fn(rng):
@@ -242,6 +241,9 @@ def _run_method(config, method, teacher_model, student_model, points, labels, se
                         _accuracy(teacher_model, trained.teacher, points_array, labels_array))
     return student_accuracy, teacher_accuracy, trained.metrics, trained.student, split.labeled
 
+  # XLA's default CPU backend optimisation: at 50k steps running, not compiling, dominates. Measured on mpl_exact
+  # (10 seeds x 50k steps, one process, 2-core VM): 22.0 s process CPU time against 43.7 s at optimisation level 0
+  # (which compiles faster and paid off at the old 5000 steps), the same accuracies to the printed digit.
   return jax.jit(jax.vmap(one_seed))(seed_keys)
 
 
@@ -349,7 +351,7 @@ def run(config, workdir):
   dominates the sweep's time on a laptop.
   """
   start = time.time()
-  points, labels = synthetic.make_two_moons(seed=config.dataset.split_seed)   # 2000 points, noise 0.1
+  points, labels = data_sources.make_two_moons(seed=config.dataset.split_seed)   # 2000 points, noise 0.1
   points, labels = np.asarray(points, np.float32), np.asarray(labels, np.int32)
   _check(config, labels)
   names = method_names(config)

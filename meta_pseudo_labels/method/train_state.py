@@ -75,36 +75,42 @@ def create_network_state(variables, apply_fn, optimizer_config, total_steps, nam
                       learning_rate_fn=learning_rate_fn)
 
 
-def _mpl_state(config, teacher_variables, teacher_apply_fn, student_rng, student_model, input_shape):
-  teacher = create_network_state(teacher_variables, teacher_apply_fn, config.teacher_optimizer,
-                                 config.num_train_steps, 'teacher_optimizer')
+def _mpl_state(teacher_variables, teacher_apply_fn, student_rng, student_model, input_shape, *, teacher_optimizer,
+               student_optimizer, total_steps):
+  teacher = create_network_state(teacher_variables, teacher_apply_fn, teacher_optimizer, total_steps,
+                                 'teacher_optimizer')
   student = create_network_state(init_variables(student_rng, student_model, input_shape), student_model.apply,
-                                 config.student_optimizer, config.num_train_steps, 'student_optimizer')
+                                 student_optimizer, total_steps, 'student_optimizer')
   return MplState(step=jnp.zeros((), jnp.int32), teacher=teacher, student=student,
                   student_ema=jax.tree.map(jnp.copy, student.variables),
                   mpl_baseline=jnp.zeros((), jnp.float32))
 
 
-def create_mpl_state(rng, config, teacher_model, student_model, input_shape):
-  """Teacher and student initialised from independent keys; the student EMA starts at the student."""
+def create_mpl_state(rng, teacher_model, student_model, input_shape, *, teacher_optimizer, student_optimizer,
+                     total_steps):
+  """Teacher and student initialised from independent keys; the student EMA starts at the student. Each network
+  gets its optimizer config (`optimizers.create_optimizer`) and the schedules run over `total_steps`."""
   teacher_rng, student_rng = jax.random.split(rng)
-  return _mpl_state(config, init_variables(teacher_rng, teacher_model, input_shape), teacher_model.apply,
-                    student_rng, student_model, input_shape)
+  return _mpl_state(init_variables(teacher_rng, teacher_model, input_shape), teacher_model.apply, student_rng,
+                    student_model, input_shape, teacher_optimizer=teacher_optimizer,
+                    student_optimizer=student_optimizer, total_steps=total_steps)
 
 
-def reduced_teacher_model(config):
-  """T_R of `config` (models/reduced_teacher.py): the config's classes and `reduced.hidden_sizes`."""
-  return reduced_teacher.ReducedTeacher(num_classes=config.dataset.num_classes,
-                                        hidden_sizes=tuple(config.reduced.hidden_sizes))
+def reduced_teacher_model(reduced_config, num_classes):
+  """T_R (models/reduced_teacher.py) for `num_classes` classes and `reduced_config.hidden_sizes`."""
+  return reduced_teacher.ReducedTeacher(num_classes=num_classes, hidden_sizes=tuple(reduced_config.hidden_sizes))
 
 
-def create_reduced_mpl_state(rng, config, student_model, input_shape):
+def create_reduced_mpl_state(rng, reduced_config, num_classes, student_model, input_shape, *, teacher_optimizer,
+                             student_optimizer, total_steps):
   """Reduced MPL (App. E): T_R in the teacher's place (with the teacher's optimizer), for stored targets of
-  `reduced.top_k` classes; it starts at the identity on T's distribution. The student as in `create_mpl_state`."""
+  `reduced_config.top_k` classes; it starts at the identity on T's distribution. The student as in
+  `create_mpl_state`."""
   teacher_rng, student_rng = jax.random.split(rng)
-  model = reduced_teacher_model(config)
-  return _mpl_state(config, reduced_teacher.init_variables(teacher_rng, model, config.reduced.top_k), model.apply,
-                    student_rng, student_model, input_shape)
+  model = reduced_teacher_model(reduced_config, num_classes)
+  return _mpl_state(reduced_teacher.init_variables(teacher_rng, model, reduced_config.top_k), model.apply,
+                    student_rng, student_model, input_shape, teacher_optimizer=teacher_optimizer,
+                    student_optimizer=student_optimizer, total_steps=total_steps)
 
 
 def create_supervised_state(rng, model, optimizer_config, input_shape, *, total_steps, keep_ema=True,

@@ -128,13 +128,17 @@ def _phases(config, pipeline):
 
   if config.method == networks.MPL:
     hparams = mpl.MplHparams.from_config(config)
-    make_state = lambda rng: train_state.create_mpl_state(rng, config, teacher_model, student_model, input_shape)
+    optimizers = dict(teacher_optimizer=config.teacher_optimizer, student_optimizer=config.student_optimizer,
+                      total_steps=steps)
+    make_state = lambda rng: train_state.create_mpl_state(rng, teacher_model, student_model, input_shape,
+                                                          **optimizers)
     batches = pipeline.mpl_batches
     apply_fns = lambda s: {'model': s.teacher.apply_fn, 'student_model': s.student.apply_fn}
     if hparams.teacher == 'reduced':   # T_R on the stored targets, joined by example id; it reads no image
       targets = teacher_targets.load(config.reduced.targets_dir, pool_ids=pipeline.unlabeled_ids(),
                                      num_classes=config.dataset.num_classes, top_k=config.reduced.top_k)
-      make_state = lambda rng: train_state.create_reduced_mpl_state(rng, config, student_model, input_shape)
+      make_state = lambda rng: train_state.create_reduced_mpl_state(
+          rng, config.reduced, config.dataset.num_classes, student_model, input_shape, **optimizers)
       batches = lambda start: teacher_targets.joined_batches(pipeline.mpl_batches(start, with_unlabeled_index=True),
                                                              targets)
       apply_fns = lambda s: {'student_model': s.student.apply_fn}   # T_R is no network: nothing to evaluate
@@ -387,9 +391,9 @@ def train_and_evaluate(config, workdir):
   changed = rundir.check_compatible(config_dict)
   if changed:
     logging.warning('Resuming %s with changed fields %s', workdir, changed)
+  mesh = sharding.create_mesh(config.mesh)
   pipeline = input_pipeline.create(config.dataset, input_pipeline.BatchSpec.from_config(config), seed=config.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-  mesh = sharding.create_mesh(config.mesh)
   main_phase, finetune_phase = _phases(config, pipeline)
   _check_phase_checkpoints(rundir, [phase for phase in (main_phase, finetune_phase) if phase])
   initial_networks = warm_start.load(config, main_phase.init, pipeline.num_classes, rundir, main_phase.name)

@@ -30,20 +30,16 @@ CPU_TIME_FILE = 'sweep_cpu_time.json'   # CPU seconds of the sweep processes tha
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One row of a sweep's table: `config.method` and the dotted config fields it sets."""
+  """One row of a sweep's table: `config.method`, the dotted config fields it sets, and the networks it reads.
+
+  The networks are names of trained/networks.py's table, which the experiment hands in
+  (`networks.sweep_networks(method)`): this folder sits below that one.
+  """
   description: str
   method: str                                  # config.method: 'supervised' | 'uda' | 'mpl'
   fields: tuple[tuple[str, Any], ...] = ()     # (('mpl.feedback', 'none'), ('uda.weight', 0.0), ...)
-
-  @property
-  def reported_model(self):
-    """Fixed before any result: MPL's finetuned student (the network the paper reports), else the EMA network."""
-    return 'student_finetuned' if self.method == 'mpl' else 'model_ema'
-
-  @property
-  def curve_model(self):
-    """The network whose validation accuracy the figure draws (evaluated during the main phase)."""
-    return 'student_ema' if self.method == 'mpl' else 'model_ema'
+  reported_model: str = dataclasses.field(kw_only=True)   # the network the table reports, fixed before any result
+  curve_model: str = dataclasses.field(kw_only=True)      # the network whose validation curve the figure draws
 
 
 def set_fields(config, fields):

@@ -70,3 +70,26 @@ def of_run(method, finetune_steps, reduced_teacher=False):
 def final(method, finetune_steps):
   """The run's final network (what a workdir 'W' alone names): its last phase's final network."""
   return PHASE_FINAL_NETWORK[FINETUNE if method == MPL and finetune_steps else method]
+
+
+def sweep_networks(method):
+  """The networks a sweep reads of a run of `method` (rundir/sweeps.py's `Row`), fixed before any result: the one
+  its table reports (MPL's finetuned student, the network the paper reports; else the EMA network) and the one
+  whose validation curve its figure draws (evaluated during the main phase)."""
+  if method == MPL:
+    return {'reported_model': STUDENT_FINETUNED.name, 'curve_model': STUDENT_EMA.name}
+  return {'reported_model': MODEL_EMA.name, 'curve_model': MODEL_EMA.name}
+
+
+def parse_reference(reference):
+  """'W' | 'W:<network or phase>' | an exported directory -> (directory, network name or None): how a warm start,
+  `predict --model` and `export --model` name a network of this table.
+
+  The suffix counts only if it names a network or phase, so paths with colons (gs://...) stay whole.
+  """
+  directory, _, suffix = reference.rpartition(':')
+  if directory and suffix in PHASE_FINAL_NETWORK:
+    return directory, PHASE_FINAL_NETWORK[suffix].name
+  if directory and suffix in NETWORKS:
+    return directory, suffix
+  return reference, None

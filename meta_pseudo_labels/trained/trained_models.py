@@ -173,22 +173,10 @@ def read_artifact(directory):
 # ---- 'W', 'W:<network or phase>' or an exported directory --------------------------------------------------------
 
 
-def parse_reference(reference):
-  """'W' | 'W:<network or phase>' | an exported directory -> (directory, network name or None).
-
-  The suffix counts only if it names a network or phase, so paths with colons (gs://...) stay whole.
-  """
-  directory, _, suffix = reference.rpartition(':')
-  if directory and suffix in networks.PHASE_FINAL_NETWORK:
-    return directory, networks.PHASE_FINAL_NETWORK[suffix].name
-  if directory and suffix in networks.NETWORKS:
-    return directory, suffix
-  return reference, None
-
-
 def load(reference):
-  """The network a reference names (see `parse_reference`); a workdir without a suffix gives its final network."""
-  directory, name = parse_reference(reference)
+  """The network a reference names (`networks.parse_reference`); a workdir without a suffix gives its final
+  network."""
+  directory, name = networks.parse_reference(reference)
   if is_artifact(directory):
     if name:
       raise errors.ConfigError(f'{reference}: {directory} is an exported model (one network); drop ":{name}"')

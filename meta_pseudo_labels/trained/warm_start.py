@@ -17,10 +17,20 @@ import jax.numpy as jnp
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.execution import workload
+from meta_pseudo_labels.rundir import run_directory
 from meta_pseudo_labels.trained import networks
 from meta_pseudo_labels.trained import trained_models
 
 FIELDS = ('teacher_init', 'student_init')
+
+
+def check_reference(reference, field):
+  """A one-line ConfigError naming the config field `field` when `reference` names no directory: config validation
+  calls it before any work, where `load` would fail only after the run has read its data."""
+  directory, _ = networks.parse_reference(reference)
+  if reference and not run_directory.as_path(directory).is_dir():   # a gs:// URL stays one
+    raise errors.ConfigError(f'{field}: {directory} is not a directory; name a training workdir or an exported '
+                             'model directory')
 
 
 def _roles(config):
