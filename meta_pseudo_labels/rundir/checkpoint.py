@@ -185,15 +185,16 @@ def _read_only_manager(directory):
 
 
 def latest_step(directory):
-  """The newest finished step saved in `directory`, or None (no directory, or no finished step). Reads only."""
+  """The newest finalised step saved in `directory`, or None (no directory, or no finalised step).
+
+  Reads the step names alone: no manager, so no orbax threads or tensorstore objects are left behind in a process
+  that goes on to train (one opened and closed here coincided with aborts of later steps in the suite).
+  """
   directory = run_directory.as_path(directory)
   if not directory.is_dir():
     return None
-  manager = _read_only_manager(directory)
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  steps = ocp.path.step.checkpoint_steps(directory)
+  return max(steps) if steps else None
 
 
 def read_variables(directory, path):
