@@ -178,12 +178,6 @@ class Checkpointer:
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
 
 
-def _read_only_manager(directory):
-  return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'extra': ocp.JsonCheckpointHandler()})
-
-
 def latest_step(directory):
   """The newest finalised step saved in `directory`, or None (no directory, or no finalised step).
 
@@ -208,7 +202,9 @@ def read_variables(directory, path):
   directory = run_directory.as_path(directory)
   if not directory.is_dir():
     raise errors.CheckpointError(f'{directory}: no such checkpoint directory; did the run reach this phase?')
-  manager = _read_only_manager(directory)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'extra': ocp.JsonCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
     raise errors.CheckpointError(f'{directory}: no finished checkpoint; train the run (further) first')
