@@ -32,11 +32,7 @@ TABLE_FILE = 'digits_table.md'
 FIGURE_FILE = 'digits_validation.png'
 
 
-def _row(description, method, fields=()):
-  """A sweep row of `method`, reading the networks trained/networks.py names for it."""
-  return sweeps.Row(description, method, fields, **networks.sweep_networks(method))
-
-
+_row = networks.sweep_row   # (description, method, fields) -> the sweep's Row
 _HARD_SAMPLED = (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'sampled'))
 _NO_UDA = (('uda.weight', 0.0),)
 METHODS = {

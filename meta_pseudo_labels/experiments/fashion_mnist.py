@@ -59,11 +59,7 @@ TUNING_FIGURE_FILE = 'fashion_mnist_tuning.png'
 DIAGNOSIS_FILE = 'diagnosis.json'   # in an MPL run's directory: student_diagnosis's measurements, computed once
 
 
-def _row(description, method, fields=()):
-  """A sweep row of `method`, reading the networks trained/networks.py names for it."""
-  return sweeps.Row(description, method, fields, **networks.sweep_networks(method))
-
-
+_row = networks.sweep_row   # (description, method, fields) -> the sweep's Row
 _NO_UDA = (('uda.weight', 0.0),)
 _STRONG_LABELED = (('dataset.labeled_view', 'strong'),)
 _MPL = (('mpl.feedback', 'hard_taylor'), ('mpl.pseudo_labels', 'sampled'))

@@ -33,7 +33,7 @@ class Row:
   """One row of a sweep's table: `config.method`, the dotted config fields it sets, and the networks it reads.
 
   The networks are names of trained/networks.py's table, which the experiment hands in
-  (`networks.sweep_networks(method)`): this folder sits below that one.
+  (`networks.sweep_row`): this folder sits below that one.
   """
   description: str
   method: str                                  # config.method: 'supervised' | 'uda' | 'mpl'

@@ -13,6 +13,8 @@ starts, the experiments), instead of silently breaking export and warm starts.
 
 import dataclasses
 
+from meta_pseudo_labels.rundir import sweeps
+
 MPL, FINETUNE = 'mpl', 'finetune'
 SINGLE_NETWORK_METHODS = ('supervised', 'uda')
 # Every phase; the position is the phase's index in the run's random streams (train.py folds it into the seed):
@@ -72,13 +74,15 @@ def final(method, finetune_steps):
   return PHASE_FINAL_NETWORK[FINETUNE if method == MPL and finetune_steps else method]
 
 
-def sweep_networks(method):
-  """The networks a sweep reads of a run of `method` (rundir/sweeps.py's `Row`), fixed before any result: the one
-  its table reports (MPL's finetuned student, the network the paper reports; else the EMA network) and the one
+def sweep_row(description, method, fields=()):
+  """A sweep's row (rundir/sweeps.py's `Row`) of `method` with the networks it reads, fixed before any result: the
+  one its table reports (MPL's finetuned student, the network the paper reports; else the EMA network) and the one
   whose validation curve its figure draws (evaluated during the main phase)."""
   if method == MPL:
-    return {'reported_model': STUDENT_FINETUNED.name, 'curve_model': STUDENT_EMA.name}
-  return {'reported_model': MODEL_EMA.name, 'curve_model': MODEL_EMA.name}
+    reported, curve = STUDENT_FINETUNED.name, STUDENT_EMA.name
+  else:
+    reported = curve = MODEL_EMA.name
+  return sweeps.Row(description, method, fields, reported_model=reported, curve_model=curve)
 
 
 def parse_reference(reference):
