@@ -25,7 +25,7 @@ and batch sizes, on synthetic data of the config's shapes, this compiles and tim
 in-memory images, steps/s per method and the loop's time per part). Every report records the CPU model and the load
 average before and after, and warns when the machine was not quiet (`machine_load`).
 
-Every executable is compiled with `xla_cpu.compiler_options()` (on CPU: convolutions in XLA's own kernels), the
+Every executable is compiled with `step_builder.compiler_options()` (on CPU: convolutions in XLA's own kernels), the
 options the training step uses.
 
 The workload (models, shapes, synthetic batch) and the cost helpers are `workload.py`'s, the ones `compile_check`
@@ -62,7 +62,7 @@ import numpy as np
 from meta_pseudo_labels import errors
 from meta_pseudo_labels import torch_reference
 from meta_pseudo_labels.execution import workload
-from meta_pseudo_labels.execution import xla_cpu
+from meta_pseudo_labels.execution import step_builder
 from meta_pseudo_labels.method import mpl
 from meta_pseudo_labels.method import train_state
 
@@ -118,7 +118,7 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
   op counts. With a `reference` (the PyTorch step), it runs after each step and its medians are
   `reference_seconds` / `reference_cpu_seconds`.
   """
-  jitted = jax.jit(step, donate_argnums=0, compiler_options=xla_cpu.compiler_options())
+  jitted = jax.jit(step, donate_argnums=0, compiler_options=step_builder.compiler_options())
   start, start_cpu = time.perf_counter(), time.process_time()
   compiled = jitted.lower(state, *args).compile()
   compile_seconds, compile_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
@@ -144,7 +144,7 @@ def measure_step(step: Callable, state, *args, examples: int, warmup: int, repea
 
 def compiled_flops(fn: Callable, *args) -> float:
   """FLOPs of `fn(*args)` compiled standalone (not run)."""
-  return workload.xla_flops(jax.jit(fn, compiler_options=xla_cpu.compiler_options()).lower(*args).compile())
+  return workload.xla_flops(jax.jit(fn, compiler_options=step_builder.compiler_options()).lower(*args).compile())
 
 
 def matmul_reference(size: int, warmup: int, repeats: int) -> dict[str, float]:
@@ -493,7 +493,7 @@ def device_description() -> dict[str, Any]:
   return dict(platform=device.platform, device_kind=device.device_kind, num_devices=jax.device_count(),
               host_cpu_model=cpu_model(), host_cpu_count=os.cpu_count(), jax_version=jax.__version__,
               xla_flags=os.environ.get('XLA_FLAGS', ''),
-              compiler_options=xla_cpu.compiler_options(device.platform))
+              compiler_options=step_builder.compiler_options(device.platform))
 
 
 def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int = 1, repeats: int = 3,

@@ -1,4 +1,5 @@
-"""XLA:CPU's convolution routing (`xla_cpu`): on CPU only, and the same results as the default to float32 rounding.
+"""XLA:CPU's convolution routing (`step_builder.compiler_options`): on CPU only, and the same results as the
+default to float32 rounding.
 
 The option moves convolutions from YNNPACK to XLA's own kernels; what it must not change is what is computed:
 values and gradients of convolutions of the shapes the registry models use (3x3 / 1x1, strides 1 and 2, SAME,
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meta_pseudo_labels.execution import xla_cpu
+from meta_pseudo_labels.execution import step_builder
 
 # (batch, side, in channels, out channels, kernel, stride, padding, feature groups)
 CONVOLUTIONS = [
@@ -37,20 +38,20 @@ def _conv_value_and_grads(compiler_options, shape):
 
 
 def test_the_option_is_for_cpu_only():
-  assert xla_cpu.compiler_options('gpu') == {}
-  assert xla_cpu.compiler_options('tpu') == {}
+  assert step_builder.compiler_options('gpu') == {}
+  assert step_builder.compiler_options('tpu') == {}
   # This project's pinned jaxlib knows the option, so on CPU it is used.
-  assert xla_cpu.compiler_options('cpu') == xla_cpu.CONVOLUTIONS_IN_XLA
+  assert step_builder.compiler_options('cpu') == step_builder.CONVOLUTIONS_IN_XLA
 
 
 def test_mesh_platform_decides():
   mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  assert xla_cpu.compiler_options_for_mesh(mesh) == xla_cpu.compiler_options('cpu')
+  assert step_builder.compiler_options_for_mesh(mesh) == step_builder.compiler_options('cpu')
 
 
 @pytest.mark.parametrize('shape', CONVOLUTIONS, ids=lambda s: 'x'.join(map(str, s[:6])) + f'_g{s[7]}')
 def test_same_values_and_gradients_as_the_default(shape):
-  (value, grads), text = _conv_value_and_grads(xla_cpu.compiler_options('cpu'), shape)
+  (value, grads), text = _conv_value_and_grads(step_builder.compiler_options('cpu'), shape)
   (value_ref, grads_ref), text_ref = _conv_value_and_grads({}, shape)
   np.testing.assert_allclose(value, value_ref, rtol=2e-5)
   for grad, grad_ref in zip(grads, grads_ref):

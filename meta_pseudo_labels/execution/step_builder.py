@@ -22,6 +22,22 @@ wall time. The loop's body is `guarded_step` itself and each step still draws it
 body with its own fusions, so the two agree to float32 rounding, not bitwise (tests/test_step_builder.py). A run
 at a given k is still bitwise reproducible and resumable: which steps share a dispatch depends on the step
 numbers only (`train.py`).
+
+On CPU, every executable built here runs its convolutions in XLA's own kernels instead of YNNPACK's
+(`compiler_options`; the benchmark compiles with the same options).
+
+Measured on the project's 2-core CPU VM (docs/PERFORMANCE.md, 'CPU speed'): jaxlib 0.10.2 hands every 2-D
+float32 convolution with more than 16 channels to YNNPACK, whose kernel for the *filter gradient* (the convolution
+of the input with the output gradient, a 32x32 or 16x16 window producing a 3x3 output) runs at 9-19 GFLOP per
+CPU-second, a fifth of its forward convolutions. XLA's own (Eigen) convolution kernels run the same filter
+gradients 1.6-5x faster and the forward and input-gradient convolutions about as fast, so on CPU the WRN-28-2 MPL
+step takes about 0.73x the CPU time with every convolution left to XLA. The option only moves convolutions between
+kernel libraries: the HLO, the FLOPs and the results (to float32 rounding) are the same.
+
+Written as a code formulation instead (im2col / shifted slices + one matmul for the filter gradient, or the 2-D
+convolution as a 3-D one of unit depth, which YNNPACK does not take), the same convolutions measured slower than
+either library's kernels, so the formulation is a per-executable compiler option, not a model change. The option
+applies only where the computation runs on CPU; on GPU and TPU `compiler_options` is empty.
 """
 
 import dataclasses
@@ -32,10 +48,37 @@ import jax
 import jax.numpy as jnp
 
 from meta_pseudo_labels.execution import sharding
-from meta_pseudo_labels.execution import xla_cpu
 
 ON_NONFINITE = ('stop', 'skip')        # config.on_nonfinite: what the guard does with a non-finite step
 UPDATED_STATE_TERM = 'updated state'   # the guard's name for "the step's new parameters/statistics"
+
+# LibraryFusionType values YNNPACK may take; dots only (without INDIVIDUAL_CONVOLUTION and the default's
+# elementwise/reduce fusions around them): see the table in docs/PERFORMANCE.md.
+YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
+CONVOLUTIONS_IN_XLA = {YNN_FUSION_TYPE: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+@functools.cache
+def _supported() -> bool:
+  """Whether this jaxlib's XLA:CPU knows the option (it is experimental; a jaxlib without it keeps its default)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CONVOLUTIONS_IN_XLA, backend='cpu').lower(1.0).compile()
+  except Exception:  # pylint: disable=broad-except  # an unknown option is INVALID_ARGUMENT, raised as several types
+    return False
+  return True
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+  """The options for an executable running on `platform` ('cpu', 'gpu', 'tpu'; None: jax's default backend)."""
+  platform = platform or jax.default_backend()
+  if platform != 'cpu' or not _supported():
+    return {}
+  return dict(CONVOLUTIONS_IN_XLA)
+
+
+def compiler_options_for_mesh(mesh) -> dict[str, str]:
+  """The options for an executable on `mesh`'s devices (the device of the computation, not the default one)."""
+  return compiler_options(mesh.devices.flat[0].platform)
 
 
 def guard_terms(metric_names):
@@ -123,7 +166,8 @@ class TrainStep:
 def build_train_step(step_fn, state, state_shardings, batch, mesh, *, skip_nonfinite) -> TrainStep:
   """`guarded_step(step_fn)` jitted with the state sharded by `state_shardings`, the global `batch` by
   `sharding.batch_shardings` (batch over data x fsdp, width over spatial), the accumulator and the rng replicated,
-  the state and accumulator donated, and on a CPU mesh XLA's own convolution kernels (`xla_cpu`).
+  the state and accumulator donated, and on a CPU mesh XLA's own convolution kernels
+  (`compiler_options`).
 
   `state` and `batch` may be abstract (`jax.eval_shape`, `jax.ShapeDtypeStruct`) or concrete: only their shapes
   and dtypes are read, to find the step's metrics.
@@ -137,12 +181,12 @@ def build_train_step(step_fn, state, state_shardings, batch, mesh, *, skip_nonfi
   step = jax.jit(functools.partial(guarded_step, step_fn, skip_nonfinite),
                  in_shardings=(state_shardings, accumulator_shardings, batch_shardings, replicated),
                  out_shardings=(state_shardings, accumulator_shardings),
-                 donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options_for_mesh(mesh))
+                 donate_argnums=(0, 1), compiler_options=compiler_options_for_mesh(mesh))
   multi_step = jax.jit(functools.partial(guarded_steps, step_fn, skip_nonfinite),
                        in_shardings=(state_shardings, accumulator_shardings,
                                      jax.tree.map(sharding.stacked_sharding, batch_shardings), replicated, replicated),
                        out_shardings=(state_shardings, accumulator_shardings),
-                       donate_argnums=(0, 1), compiler_options=xla_cpu.compiler_options_for_mesh(mesh))
+                       donate_argnums=(0, 1), compiler_options=compiler_options_for_mesh(mesh))
   new_accumulator = jax.jit(functools.partial(empty_accumulator, metric_names), out_shardings=accumulator_shardings)
   return TrainStep(step=step, multi_step=multi_step, new_accumulator=new_accumulator, metric_names=metric_names,
                    state_shardings=state_shardings, accumulator_shardings=accumulator_shardings,
