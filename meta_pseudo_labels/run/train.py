@@ -429,7 +429,7 @@ def train_and_evaluate(config, workdir):
   }
   if jax.process_index() == 0:
     rundir.write_results(results)
-    run_report.write(rundir, final, pipeline.input_spec.class_names)
+    run_report.write(rundir, final)
     _print_summary(final, rundir)
   return results
 

@@ -85,10 +85,12 @@ def _draw_per_class(axes, title, per_model, class_names):
   axes.legend(fontsize='x-small')
 
 
-def write(rundir, final, class_names=None):
-  """Draws `report.png` of the run_directory.RunDirectory `rundir` from its event files and the final evaluation
-  `final` ({split: {model: Evaluator.evaluate's metrics, with 'confusion'}}); returns its path."""
+def write(rundir, final):
+  """Draws `report.png` of the run_directory.RunDirectory `rundir` from its event files, its inputs.json (the class
+  names) and the final evaluation `final` ({split: {model: Evaluator.evaluate's metrics, with 'confusion'}});
+  returns its path."""
   scalars = run_directory.read_scalars(rundir.tensorboard)
+  class_names = (rundir.read_inputs() or {}).get('class_names')
   splits = list(final)
   models = list(final[splits[-1]])
   num_classes = len(final[splits[-1]][models[0]]['confusion'])
