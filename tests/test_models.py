@@ -302,6 +302,36 @@ def test_group_size_zero_and_whole_batch_equal_plain_batch_norm(activations):
   np.testing.assert_allclose(stats['var'], flax_updates['batch_stats']['var'], rtol=1e-5)
 
 
+def test_batch_norm_matches_the_plain_formula_per_feature_in_value_and_gradient():
+  """The layer reduces over a [rows, width * features] view (layers.BatchNorm): with a different scale and bias
+  per feature and a loss that weighs every output differently, its values and its gradients for the input, the
+  scale and the bias equal the plain per-feature formula's (a tiling in the wrong order would mix features)."""
+  rng = np.random.default_rng(1)
+  x = (rng.normal(size=(6, 5, 7, 3)) * [0.5, 2.0, 4.0] + [1.0, -2.0, 0.3]).astype(np.float32)
+  weights = rng.normal(size=x.shape).astype(np.float32)
+  scale, bias = np.float32([0.7, 1.9, -1.1]), np.float32([0.2, -0.4, 1.3])
+  norm = layers.BatchNorm(epsilon=1e-3, group_size=2)
+
+  def layer_loss(x, scale, bias):
+    variables = {'params': {'scale': scale, 'bias': bias},
+                 'batch_stats': {'mean': jnp.zeros(3), 'var': jnp.ones(3)}}
+    y, _ = norm.apply(variables, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.tanh(y) * weights), y
+
+  def plain_loss(x, scale, bias):
+    groups = x.reshape(3, 2, 5, 7, 3)
+    mean = groups.mean(axis=(1, 2, 3), keepdims=True)
+    var = jnp.square(groups - mean).mean(axis=(1, 2, 3), keepdims=True)
+    y = ((groups - mean) * jax.lax.rsqrt(var + 1e-3)).reshape(x.shape) * scale + bias
+    return jnp.sum(jnp.tanh(y) * weights), y
+
+  (_, y), grads = jax.value_and_grad(layer_loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
+  (_, y_plain), grads_plain = jax.value_and_grad(plain_loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
+  np.testing.assert_allclose(y, y_plain, rtol=1e-5, atol=1e-5)
+  for name, grad, grad_plain in zip(('x', 'scale', 'bias'), grads, grads_plain):
+    np.testing.assert_allclose(grad, grad_plain, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_batch_norm_eval_uses_running_statistics(activations):
   _, stats, variables = run_batch_norm(activations, group_size=2)
   variables = {'params': variables['params'], 'batch_stats': stats}
