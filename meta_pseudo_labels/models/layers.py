@@ -77,27 +77,19 @@ class BatchNorm(nn.Module):
       if batch % group:
         raise errors.ConfigError(f'batch_norm_group_size: {self.group_size} does not divide the batch size '
                                  f'{batch}; choose a divisor of every per-step batch, or 0 for the whole batch')
-      # The statistics are sums over rows of `features` numbers (16-64 for the CIFAR-sized WideResNets), a layout
-      # XLA:CPU reduces slowly. Viewed as [groups, rows, width * features] (a free reshape: the last spatial axis
-      # joins the channels), the long reductions run over wide rows and only [width, features] is left to fold
-      # into [features]; the same sums in another order, and the backward pass inherits the layout.
-      width = x.shape[-2] if x.ndim > 2 else 1
-      wide = x.astype(stats_dtype).reshape(batch // group, -1, width * features)
-      tile = lambda per_feature: jnp.tile(per_feature, width)[:, None, :]   # [groups, features] -> [groups, 1, wide]
-      per_feature_mean = lambda values: values.mean(axis=1).reshape(-1, width, features).mean(axis=1)
-      mean = per_feature_mean(wide)
-      centred = wide - tile(mean)
-      var = per_feature_mean(jnp.square(centred))
-      scaled = centred * tile(jax.lax.rsqrt(var + self.epsilon) * scale) + tile(jnp.broadcast_to(bias, mean.shape))
-      out = scaled.reshape(x.shape)
+      grouped = x.astype(stats_dtype).reshape((batch // group, group) + x.shape[1:])
+      reduce_axes = tuple(range(1, grouped.ndim - 1))
+      mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+      var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
+      normalised = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
       if not self.is_initializing():
-        group_mean = mean.mean(axis=0)
-        group_var = var.mean(axis=0)
+        group_mean = mean.reshape(-1, features).mean(axis=0)
+        group_var = var.reshape(-1, features).mean(axis=0)
         running_mean.value = (self.momentum * running_mean.value
                               + (1.0 - self.momentum) * group_mean).astype(running_mean.value.dtype)
         running_var.value = (self.momentum * running_var.value
                              + (1.0 - self.momentum) * group_var).astype(running_var.value.dtype)
     else:
-      out = ((x.astype(stats_dtype) - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale
-             + bias)
-    return out.astype(out_dtype)
+      normalised = ((x.astype(stats_dtype) - running_mean.value)
+                    * jax.lax.rsqrt(running_var.value + self.epsilon))
+    return (normalised * scale + bias).astype(out_dtype)
