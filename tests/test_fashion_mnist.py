@@ -109,6 +109,57 @@ def test_tune_bases_picks_on_validation_and_the_sweep_reuses_the_picks(tmp_path)
   assert '\n' not in str(error.value)
 
 
+class FakePrecompute:
+  """A precompute program that records each call's teacher, pool seed and directory."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, config, workdir):
+    assert config.experiment == 'precompute_targets'
+    self.calls.append((config.reduced.teacher, config.dataset.split_seed, workdir))
+
+
+def test_reduced_mode_uses_the_best_base_as_teacher_and_pairs_reduced_mpl_with_its_controls(tmp_path):
+  train, precompute = FakeTrain(), FakePrecompute()
+  fashion_mnist.run(_config(mode='tune_bases'), str(tmp_path), train_fn=train)
+  bases = str(tmp_path / fashion_mnist.BASES_FILE)
+  config = _config(mode='reduced', bases=bases, methods=())
+  with pytest.raises(errors.ConfigError, match="sweep.bases: empty; Reduced MPL's teacher"):
+    fashion_mnist.run(_config(mode='reduced', methods=()), str(tmp_path / 'sweep'), train_fn=train,
+                      precompute_fn=precompute)
+  train.calls.clear()
+  result = fashion_mnist.run(config, str(tmp_path / 'sweep'), train_fn=train, precompute_fn=precompute)
+  # FakeTrain's validation top-1 grows with the UDA weight: the uda base (the tuning's run) is T, read back.
+  picked = json.loads((tmp_path / fashion_mnist.BASES_FILE).read_text())['picked']['uda']
+  teacher_dir = tmp_path / 'tune' / 'uda' / ','.join(f'{k.split(".")[-1]}={v}' for k, v in picked.items()) / 'seed_0'
+  assert result['teacher'] == f'{teacher_dir}:model_ema' and result['teacher_row'] == 'uda'
+  assert precompute.calls == [(result['teacher'], seed, str(tmp_path / 'sweep' / 'targets' / f'seed_{seed}'))
+                              for seed in (0, 1)]
+  # The candidates for T are the bases' seed-0 runs at the sweep's exact configs: supervised and uda finished during
+  # tuning; the views stage's randaugment run predates the UDA picks (unused by it, but another config): trained.
+  expected = [('randaugment', 0)] + [(name, seed) for seed in (0, 1) for name in fashion_mnist.REDUCED_ROWS]
+  assert train.calls == [str(tmp_path / 'sweep' / name / f'seed_{seed}') for name, seed in expected]
+  with open(tmp_path / 'sweep' / 'reduced_mpl' / 'seed_1' / sweeps.RUN_RESULTS_FILE) as f:
+    run = json.load(f)['config']
+  assert (run['mpl']['teacher'], run['mpl']['feedback'], run['uda']['weight']) == ('reduced', 'hard_taylor', 0.0)
+  assert run['reduced']['targets_dir'] == str(tmp_path / 'sweep' / 'targets' / 'seed_1')
+  pair = result['paired_differences']['reduced_mpl - distill_sampled']
+  assert pair['seeds'] == [0, 1] and pair['mean'] == pytest.approx(0.02)   # FakeTrain: feedback off costs 0.02
+  table = open(tmp_path / 'sweep' / fashion_mnist.REDUCED_TABLE_FILE).read()
+  assert '| reduced_mpl - distill_soft | 0, 1 |' in table and f'T: {result["teacher"]} (the uda row' in table
+  # Rerun: nothing trained again; 'report' writes the Reduced table of what finished, precomputing nothing.
+  os.remove(tmp_path / 'sweep' / 'distill_soft' / 'seed_1' / sweeps.RUN_RESULTS_FILE)
+  train.calls.clear()
+  precompute.calls.clear()
+  fashion_mnist.run(_config(mode='report', bases=bases), str(tmp_path / 'sweep'), train_fn=FakeTrain(),
+                    precompute_fn=precompute)
+  assert not precompute.calls
+  assert '| distill_soft | 1/2 |' in open(tmp_path / 'sweep' / fashion_mnist.REDUCED_TABLE_FILE).read()
+  fashion_mnist.run(config, str(tmp_path / 'sweep'), train_fn=train, precompute_fn=precompute)
+  assert train.calls == [str(tmp_path / 'sweep' / 'distill_soft' / 'seed_1')]
+
+
 def test_rows_and_config():
   config = fashion_mnist_config.get_config()
   assert config.dataset.num_labeled == 400 and config.dataset.source == 'idx'
@@ -151,3 +202,32 @@ def test_quick_through_main(tmp_path):
     assert json.load(f)['config']['dataset']['labeled_view'] == 'strong'
   with open(workdir / fashion_mnist.FIGURE_FILE, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
+
+
+@pytest.mark.slow
+def test_reduced_mode_through_main(tmp_path):
+  """'reduced' through main on small idx files, 4 steps: T's candidates trained (no tuning ran: a bases file with no
+  picks), T's targets precomputed by the real program, one Reduced MPL run with its feedback logged."""
+  data = tmp_path / 'data'
+  write_idx_directory(str(data), num_train=200, num_test=60)
+  bases = tmp_path / 'bases.json'
+  bases.write_text(json.dumps({'picked': {}, 'num_train_steps': 4, 'workdirs': []}))
+  workdir = tmp_path / 'sweep'
+  command = [sys.executable, '-m', 'meta_pseudo_labels.main', '--config=configs/fashion_mnist.py:quick',
+             f'--workdir={workdir}', f'--config.dataset.data_dir={data}', '--config.num_train_steps=4',
+             '--config.sweep.mode=reduced', f'--config.sweep.bases={bases}', "--config.sweep.methods=('reduced_mpl',)",
+             '--config.sweep.num_seeds=1', '--config.dataset.num_labeled=20', '--config.dataset.num_validation=20',
+             '--config.batch_size=4', '--config.uda_ratio=2', '--config.finetune.batch_size=4',
+             '--config.eval_every_steps=2', '--config.eval_batch_size=20', '--config.reduced.chunk_size=64',
+             '--config.reduced.hidden_sizes=(16,)']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_backend_optimization_level=0')
+  completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert '| reduced_mpl | 1/1 |' in completed.stdout
+  with open(workdir / fashion_mnist.REDUCED_RESULTS_FILE) as f:
+    results = json.load(f)
+  assert results['teacher_row'] in fashion_mnist.TEACHER_CANDIDATES
+  run = results['rows']['reduced_mpl']['runs'][0]
+  assert [step for step, _ in run['curves']['mpl/h']] and results['steps_per_second']['reduced_mpl'][0] > 0
+  assert sorted(os.listdir(workdir / 'targets' / 'seed_0'))   # the precompute's files

@@ -21,7 +21,15 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
   base: the curves of `DIAGNOSIS_CURVES` (the feedback's size against the teacher's own gradient, h, the student's
   curve) and experiments/student_diagnosis.py's measurements (BatchNorm statistics, the teacher's labels on strong
   views).
-- 'report': the same outputs from the runs that have finished, training nothing.
+- 'report': the same outputs from the runs that have finished, training nothing (and Reduced MPL's, below).
+- 'reduced' (after 'tune_bases'): Reduced MPL (App. E) against distillation from the same fixed teacher
+  (`REDUCED_ROWS`, `sweep.num_seeds` seeds each). T is the EMA network of the best base at the tuned settings (by
+  validation top-1, seed 0: the tuning's own run), trained once and reused by every row and seed; its targets on
+  seed i's unlabeled split are precomputed once into WORKDIR/targets/seed_<i> (the precompute program, resumable).
+  Rows: the student distils T's stored distributions (soft) or labels sampled from them (both with T_R left at its
+  identity initialisation: the feedback off), or T_R is trained by the feedback (Reduced MPL); all finetuned. The
+  table pairs Reduced MPL with each control by seed and gives every row's training steps/s beside full MPL's
+  (uda_mpl, from its finished runs).
 - 'tune_bases': the bases' settings on the validation split, base rows alone, seed 0 (`TUNING_STAGES`, in order,
   each stage keeping the previous stages' picks): the views (RandAugment magnitude, Cutout) on the randaugment row,
   then UDA's weight, threshold and temperature on the uda row; each setting's final validation top-1 of the EMA
@@ -43,6 +51,7 @@ import sys
 import time
 
 from absl import logging
+import numpy as np
 
 from meta_pseudo_labels import errors
 from meta_pseudo_labels.rundir import sweeps
@@ -57,6 +66,9 @@ BASES_FILE = 'fashion_mnist_bases.json'
 TUNING_TABLE_FILE = 'fashion_mnist_tuning.md'
 TUNING_FIGURE_FILE = 'fashion_mnist_tuning.png'
 DIAGNOSIS_FILE = 'diagnosis.json'   # in an MPL run's directory: student_diagnosis's measurements, computed once
+REDUCED_RESULTS_FILE = 'fashion_mnist_reduced_results.json'
+REDUCED_TABLE_FILE = 'fashion_mnist_reduced_table.md'
+REDUCED_FIGURE_FILE = 'fashion_mnist_reduced_validation.png'
 
 
 _row = networks.sweep_row   # (description, method, fields) -> the sweep's Row
@@ -76,6 +88,23 @@ ROWS = {
 CLAIM_ROWS = ('supervised', 'uda', 'uda_mpl', 'uda_mpl_control')
 PAIRS = (('supervised_mpl', 'supervised'), ('randaugment_mpl', 'randaugment'), ('uda_mpl', 'uda'),
          ('uda_mpl', 'uda_mpl_control'))
+
+# Reduced MPL (App. E), 'reduced' mode: T is the best base of the table (seed 0, validation top-1 of its EMA
+# network), trained once; its distributions on each seed's unlabeled split are precomputed once per seed
+# (WORKDIR/targets/seed_<i>). Every row trains the same student on them, T_R reads no image (no UDA term).
+_REDUCED = (('mpl.teacher', 'reduced'), ('uda.weight', 0.0))
+REDUCED_ROWS = {
+    'distill_soft': _row("control: the student distils T's stored distributions (T_R stays the identity)", 'mpl',
+                         _REDUCED + (('mpl.feedback', 'none'), ('mpl.pseudo_labels', 'soft'))),
+    'distill_sampled': _row("control: the student learns labels sampled from T's stored distributions", 'mpl',
+                            _REDUCED + (('mpl.feedback', 'none'), ('mpl.pseudo_labels', 'sampled'))),
+    'reduced_mpl': _row("Reduced MPL: T_R on T's stored distributions, trained by the student's feedback", 'mpl',
+                        _REDUCED + _MPL),
+}
+REDUCED_PAIRS = (('reduced_mpl', 'distill_sampled'), ('reduced_mpl', 'distill_soft'))
+TEACHER_CANDIDATES = ('supervised', 'randaugment', 'uda')   # T: the base with the best validation top-1, seed 0
+TARGETS_DIR = 'targets'
+STEPS_PER_SECOND = 'steps_per_sec'   # the training loop's logged rate
 # Per MPL run, the logged curves the diagnosis records beside the student's validation curve.
 DIAGNOSIS_CURVES = ('mpl/feedback_logits_grad_norm', 'teacher/own_logits_grad_norm', 'mpl/h',
                     'teacher/uda_mask_rate', 'validation/teacher/top1', 'validation/student/top1')
@@ -91,23 +120,36 @@ BUDGET_GAIN = 0.005   # validation top-1 the EMA network may still gain over the
 TUNING_SEED = 0
 
 
+MODES = ('run', 'report', 'tune_bases', 'reduced')
+
+
 def row_names(config):
-  """The rows the sweep runs, in table order; a one-line ConfigError for an unknown name or a bad seed count."""
-  names = tuple(config.sweep.methods) or tuple(ROWS)
-  unknown = [name for name in names if name not in ROWS]
+  """The rows of the mode's table ('reduced': `REDUCED_ROWS`, else `ROWS`), in table order; a one-line
+  ConfigError for an unknown mode or row name, or a bad seed count."""
+  if config.sweep.mode not in MODES:
+    raise errors.ConfigError(f'sweep.mode: unknown mode {config.sweep.mode!r}; choose one of {list(MODES)}')
+  unknown = [name for name in config.sweep.methods if name not in ROWS and name not in REDUCED_ROWS]
   if unknown:
-    raise errors.ConfigError(f'sweep.methods: unknown row(s) {unknown}; choose from {list(ROWS)}')
+    raise errors.ConfigError(f'sweep.methods: unknown row(s) {unknown}; choose from {list(ROWS) + list(REDUCED_ROWS)}')
   for field in ('num_seeds', 'num_seeds_other'):
     if config.sweep[field] < 1:
       raise errors.ConfigError(f'sweep.{field}: must be >= 1, got {config.sweep[field]}')
-  if config.sweep.mode not in ('run', 'report', 'tune_bases'):
-    raise errors.ConfigError(f"sweep.mode: unknown mode {config.sweep.mode!r}; choose 'run', 'report' or "
-                             "'tune_bases'")
+  rows = REDUCED_ROWS if config.sweep.mode == 'reduced' else ROWS
+  if not config.sweep.methods:
+    return tuple(rows)
+  names = tuple(name for name in config.sweep.methods if name in rows)
+  if not names:
+    raise errors.ConfigError(f"sweep.methods: {tuple(config.sweep.methods)} names no row of mode "
+                             f"{config.sweep.mode!r}; choose from {list(rows)}")
   return names
 
 
+def _is_claim(name):
+  return name in CLAIM_ROWS or name in REDUCED_ROWS
+
+
 def num_seeds(config, name):
-  return config.sweep.num_seeds if name in CLAIM_ROWS else config.sweep.num_seeds_other
+  return config.sweep.num_seeds if _is_claim(name) else config.sweep.num_seeds_other
 
 
 def tuned_fields(config):
@@ -150,40 +192,43 @@ def _diagnosis(run_dir):
   return rundir.read_json(DIAGNOSIS_FILE, "student_diagnosis's output")
 
 
-def _sweep_runs(config, workdir, names, train_fn):
-  """{row: [run]}: 'run' trains what is missing, the claim's rows first, seed by seed; 'report' reads what finished."""
-  extra = tuned_fields(config)
-  tuning_dirs = _bases(config).get('workdirs', [])   # a base at the picked settings, seed 0, ran there already
-  order = sorted(((name not in CLAIM_ROWS, seed, names.index(name), name) for name in names
-                  for seed in range(num_seeds(config, name))))
+def _sweep_runs(config, workdir, rows, names, train_fn, *, extra_fields, report, reuse_dirs=(), seeds=None):
+  """{row: [run]}: trains what is missing (`report`: reads what finished), the claim's rows first, seed by seed.
+
+  `extra_fields(seed)`: the fields every row's run of that seed sets; `reuse_dirs`: other directories where a run
+  of exactly that config may have finished (the tuning's); `seeds`: these seeds for every row, else `num_seeds`.
+  """
+  order = sorted(((not _is_claim(name), seed, names.index(name), name) for name in names
+                  for seed in (seeds if seeds is not None else range(num_seeds(config, name)))))
   runs = {name: [] for name in names}
   for _, seed, _, name in order:
-    row, run_dir = ROWS[name], _run_dir(workdir, name, seed)
-    run = sweeps.run_config(config, row, seed, extra)
-    finished = [d for d in (run_dir, *tuning_dirs) if sweeps.finished_results(d, run) is not None]
-    if config.sweep.mode == 'report' and not finished:
+    row, run_dir = rows[name], _run_dir(workdir, name, seed)
+    run = sweeps.run_config(config, row, seed, extra_fields(seed))
+    finished = [d for d in (run_dir, *reuse_dirs) if sweeps.finished_results(d, run) is not None]
+    if report and not finished:
       continue
+    mpl = row.method == 'mpl'
     one = sweeps.one_run(run, row, (finished or [run_dir])[0], train_fn,
-                         curve_tags=DIAGNOSIS_CURVES if row.method == 'mpl' else ())
-    if row.method == 'mpl':
+                         curve_tags=(STEPS_PER_SECOND,) + (DIAGNOSIS_CURVES if mpl else ()))
+    if mpl and run.mpl.teacher == 'network':   # student_diagnosis measures an image teacher's labels
       one['diagnosis'] = _diagnosis(run_dir)
     runs[name].append({'seed': seed, **one})
   return runs
 
 
-def paired_differences(results):
-  """Each pair of `PAIRS` whose two rows share finished seeds: the reported models' test top-1, a - b per seed."""
-  pairs = {}
-  for a, b in PAIRS:
+def paired_differences(results, rows=ROWS, pairs=PAIRS):
+  """Each pair of `pairs` whose two rows share finished seeds: the reported models' test top-1, a - b per seed."""
+  differences = {}
+  for a, b in pairs:
     if a not in results or b not in results:
       continue
-    top1 = [{run['seed']: run['top1']['test'][ROWS[name].reported_model] for run in results[name]['runs']}
+    top1 = [{run['seed']: run['top1']['test'][rows[name].reported_model] for run in results[name]['runs']}
             for name in (a, b)]
     seeds = sorted(set(top1[0]) & set(top1[1]))
     if seeds:
-      pairs[f'{a} - {b}'] = {'seeds': seeds, **sweeps.paired_difference([top1[0][s] for s in seeds],
-                                                                              [top1[1][s] for s in seeds])}
-  return pairs
+      differences[f'{a} - {b}'] = {'seeds': seeds, **sweeps.paired_difference([top1[0][s] for s in seeds],
+                                                                                [top1[1][s] for s in seeds])}
+  return differences
 
 
 def format_table(config, results, pairs):
@@ -193,7 +238,7 @@ def format_table(config, results, pairs):
   for name, result in results.items():
     reported = result['reported_model']
     per_seed = ', '.join(f'{100 * v:.1f}' for v in result['test_top1'].get(reported, {}).get('per_seed', []))
-    seeds = f"{len(result['runs'])}/{num_seeds(config, name)}" + ('' if name in CLAIM_ROWS else ' (other)')
+    seeds = f"{len(result['runs'])}/{num_seeds(config, name)}" + ('' if _is_claim(name) else ' (other)')
     lines.append(f"| {name} | {seeds} | {sweeps.cell(result, reported)} | {per_seed} | {reported} | "
                  f"{sweeps.cell(result, 'teacher')} | {sweeps.cell(result, 'student_ema')} | "
                  f"{result['description']} |")
@@ -211,33 +256,102 @@ def _hours(runs, key):
   return sum(run[key] for run in runs) / 3600
 
 
-def run(config, workdir, *, train_fn):
-  """Runs (or, `sweep.mode`, reports or tunes) the sweep with `train_fn(config, workdir)`; writes and prints."""
+def _main_phase_steps_per_second(one, num_steps):
+  """The median of a run's logged training steps/s over its main phase (finetuning excluded), None if unlogged."""
+  values = [value for step, value in one['curves'].get(STEPS_PER_SECOND, []) if step <= num_steps]
+  return float(np.median(values)) if values else None
+
+
+def _write(config, workdir, rows, names, runs, pairs, files, title, summary_json, start):
+  """The table, the figure of validation top-1 and the JSON of a finished (or reported) sweep; printed, returned."""
+  results = {name: sweeps.row_result(rows[name], runs[name]) for name in names}
+  differences = paired_differences(results, rows, pairs)
+  run_directory.as_path(workdir).mkdir(parents=True, exist_ok=True)
+  paths = {key: os.path.join(workdir, file) for key, file in zip(('results', 'table', 'figure'), files)}
+  every_run = [one for name in names for one in runs[name]]
+  cpu_hours, wall_hours = _hours(every_run, 'cpu_time_s'), _hours(every_run, 'wall_time_s')
+  curves = {f'{name} ({rows[name].curve_model})': [one['validation_curve'] for one in runs[name]] for name in names}
+  sweeps.plot_validation(paths['figure'], curves, config.num_train_steps,
+                         f'{title}, {config.dataset.num_labeled} labels: validation top-1, mean over seeds, '
+                         'min-max band')
+  table = format_table(config, results, differences) + summary_json.pop('table_suffix', '')
+  return reporting.write_sweep_results(
+      config, paths, table,
+      {'experiment': 'fashion_mnist', 'rows': results, 'paired_differences': differences,
+       'tuned_fields': dict(tuned_fields(config)), 'cpu_hours': cpu_hours, 'wall_hours': wall_hours,
+       'cpu_count': os.cpu_count(), 'wall_time_s': time.time() - start, **summary_json},
+      f'{title} ({config.dataset.num_labeled} labels, {config.num_train_steps} steps per run): '
+      f'{len(every_run)} finished runs, {cpu_hours:.2f} CPU hours ({wall_hours:.2f} wall hours on '
+      f'{os.cpu_count()} cores)')
+
+
+def run(config, workdir, *, train_fn, precompute_fn=None):
+  """Runs (or, `sweep.mode`, reports, tunes or runs Reduced MPL's rows of) the sweep with `train_fn(config,
+  workdir)`, the one-run program, and `precompute_fn(config, workdir)`, the targets program ('reduced' mode)."""
   start = time.time()
   names = row_names(config)
   if config.sweep.mode == 'tune_bases':
     return tune_bases(config, workdir, train_fn=train_fn)
   sweeps.share_compilations(workdir)
-  runs = _sweep_runs(config, workdir, names, train_fn)
-  results = {name: sweeps.row_result(ROWS[name], runs[name]) for name in names}
-  pairs = paired_differences(results)
-  run_directory.as_path(workdir).mkdir(parents=True, exist_ok=True)
-  paths = {key: os.path.join(workdir, file) for key, file in
-           (('results', RESULTS_FILE), ('table', TABLE_FILE), ('figure', FIGURE_FILE))}
-  every_run = [one for name in names for one in runs[name]]
-  cpu_hours, wall_hours = _hours(every_run, 'cpu_time_s'), _hours(every_run, 'wall_time_s')
-  curves = {f'{name} ({ROWS[name].curve_model})': [one['validation_curve'] for one in runs[name]] for name in names}
-  sweeps.plot_validation(paths['figure'], curves, config.num_train_steps,
-                             f'Fashion-MNIST, {config.dataset.num_labeled} labels: validation top-1, mean over '
-                             'seeds, min-max band')
-  return reporting.write_sweep_results(
-      config, paths, format_table(config, results, pairs),
-      {'experiment': 'fashion_mnist', 'rows': results, 'paired_differences': pairs,
-       'tuned_fields': dict(tuned_fields(config)), 'cpu_hours': cpu_hours, 'wall_hours': wall_hours,
-       'cpu_count': os.cpu_count(), 'wall_time_s': time.time() - start},
-      f'Fashion-MNIST ({config.dataset.num_labeled} labels, {config.num_train_steps} steps per run): '
-      f'{len(every_run)} finished runs, {cpu_hours:.2f} CPU hours ({wall_hours:.2f} wall hours on '
-      f'{os.cpu_count()} cores)')
+  if config.sweep.mode == 'reduced':
+    return run_reduced(config, workdir, names, train_fn=train_fn, precompute_fn=precompute_fn, start=start)
+  report = config.sweep.mode == 'report'
+  runs = _sweep_runs(config, workdir, ROWS, names, train_fn, extra_fields=lambda seed: tuned_fields(config),
+                     report=report, reuse_dirs=_bases(config).get('workdirs', []))
+  results = _write(config, workdir, ROWS, names, runs, PAIRS, (RESULTS_FILE, TABLE_FILE, FIGURE_FILE),
+                   'Fashion-MNIST', {}, start)
+  if report and config.sweep.bases:   # and Reduced MPL's table, of what has finished
+    run_reduced(config, workdir, tuple(REDUCED_ROWS), train_fn=train_fn, precompute_fn=precompute_fn, start=start)
+  return results
+
+
+# ---- Reduced MPL (App. E) ---------------------------------------------------------------------------------------
+
+
+def _reduced_teacher(config, workdir, train_fn):
+  """T (App. E, step 1): the EMA network of the base row with the best validation top-1 at seed 0, at the tuned
+  settings (the tuning's runs, read back). -> ('DIR:model_ema', the row)."""
+  if not config.sweep.bases:
+    raise errors.ConfigError("sweep.bases: empty; Reduced MPL's teacher is the best tuned base: run "
+                             '--config.sweep.mode=tune_bases first and pass its fashion_mnist_bases.json')
+  runs = _sweep_runs(config, workdir, ROWS, TEACHER_CANDIDATES, train_fn,
+                     extra_fields=lambda seed: tuned_fields(config), report=config.sweep.mode == 'report',
+                     reuse_dirs=_bases(config)['workdirs'], seeds=(TUNING_SEED,))
+  finished = [name for name in TEACHER_CANDIDATES if runs[name]]
+  if len(finished) < len(TEACHER_CANDIDATES):
+    return None, None
+  best = max(finished, key=lambda name: _final_validation(runs[name][0]))
+  return f"{runs[best][0]['workdir']}:{networks.MODEL_EMA.name}", best
+
+
+def run_reduced(config, workdir, names, *, train_fn, precompute_fn, start):
+  """The 'reduced' mode: T, its targets on each seed's unlabeled split, then `REDUCED_ROWS` seed by seed; the table
+  of Reduced MPL against its distillation controls, and its time per step against full MPL's (uda_mpl). In
+  'report' mode: the table of what has finished (None before T's candidates have)."""
+  report = config.sweep.mode == 'report'
+  teacher, teacher_row = _reduced_teacher(config, workdir, train_fn)
+  if teacher is None:
+    return None
+  targets_dir = lambda seed: os.path.join(workdir, TARGETS_DIR, f'seed_{seed}')
+  extra_fields = lambda seed: tuned_fields(config) + (('reduced.teacher', teacher),
+                                                      ('reduced.targets_dir', targets_dir(seed)))
+  for seed in range(0 if report else config.sweep.num_seeds):   # resumable: finished chunks are kept
+    targets = sweeps.run_config(config, REDUCED_ROWS[names[0]], seed, extra_fields(seed))
+    targets.experiment = 'precompute_targets'
+    precompute_fn(targets, targets_dir(seed))
+  runs = _sweep_runs(config, workdir, REDUCED_ROWS, names, train_fn, extra_fields=extra_fields, report=report)
+  full = _sweep_runs(config, workdir, ROWS, ('uda_mpl',), train_fn, extra_fields=lambda seed: tuned_fields(config),
+                     report=True)['uda_mpl']
+  speed = {name: [_main_phase_steps_per_second(one, config.num_train_steps) for one in one_runs]
+           for name, one_runs in (*runs.items(), ('uda_mpl (full MPL)', full))}
+  lines = ['', f'T: {teacher} (the {teacher_row} row, seed {TUNING_SEED}: the best validation top-1 of the bases)',
+           '', '| row | main-phase steps/s (median of the logged rate, per seed) |', '|---|---|']
+  lines += [f"| {name} | {', '.join('-' if v is None else f'{v:.2f}' for v in values) or '-'} |"
+            for name, values in speed.items()]
+  return _write(config, workdir, REDUCED_ROWS, names, runs, REDUCED_PAIRS,
+                (REDUCED_RESULTS_FILE, REDUCED_TABLE_FILE, REDUCED_FIGURE_FILE), 'Fashion-MNIST Reduced MPL',
+                {'teacher': teacher, 'teacher_row': teacher_row, 'steps_per_second': speed,
+                 'table_suffix': '\n'.join(lines) + '\n'}, start)
 
 
 # ---- base tuning ------------------------------------------------------------------------------------------------
