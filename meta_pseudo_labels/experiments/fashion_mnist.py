@@ -26,6 +26,7 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
   (`REDUCED_ROWS`, `sweep.num_seeds` seeds each). T is the EMA network of the best base at the tuned settings (by
   validation top-1, seed 0: the tuning's own run), trained once and reused by every row and seed; its targets on
   seed i's unlabeled split are precomputed once into WORKDIR/targets/seed_<i> (the precompute program, resumable).
+  (T learned seed 0's labels; on another seed some of those images are in the unlabeled split, for every row alike.)
   Rows: the student distils T's stored distributions (soft) or labels sampled from them (both with T_R left at its
   identity initialisation: the feedback off), or T_R is trained by the feedback (Reduced MPL); all finetuned. The
   table pairs Reduced MPL with each control by seed and gives every row's training steps/s beside full MPL's
