@@ -77,14 +77,24 @@ class BatchNorm(nn.Module):
       if batch % group:
         raise errors.ConfigError(f'batch_norm_group_size: {self.group_size} does not divide the batch size '
                                  f'{batch}; choose a divisor of every per-step batch, or 0 for the whole batch')
-      grouped = x.astype(stats_dtype).reshape((batch // group, group) + x.shape[1:])
-      reduce_axes = tuple(range(1, grouped.ndim - 1))
-      mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
-      var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
-      normalised = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      groups = batch // group
+      grouped = x.astype(stats_dtype).reshape((groups, group) + x.shape[1:])
+      # The statistics are sums over rows of `features` numbers (16-64 for the CIFAR-sized WideResNets), a layout
+      # XLA:CPU reduces slowly. They are taken over the free view [groups, rows, width x features] (the last
+      # spatial axis joins the features), leaving [width, features] to fold: the same sums in another order. Only
+      # the reductions use the view; the normalisation stays in the input's shape (applied in the view too, it
+      # was miscompiled by JAX's Shardy partitioner with the width sharded: docs/PERFORMANCE.md).
+      width = x.shape[-2] if x.ndim > 2 else 1
+      per_feature_mean = lambda values: values.reshape(groups, -1, width * features).mean(axis=1).reshape(
+          groups, width, features).mean(axis=1)
+      to_grouped = lambda per_feature: per_feature.reshape((groups,) + (1,) * (grouped.ndim - 2) + (features,))
+      mean = per_feature_mean(grouped)
+      centred = grouped - to_grouped(mean)
+      var = per_feature_mean(jnp.square(centred))
+      normalised = (centred * jax.lax.rsqrt(to_grouped(var) + self.epsilon)).reshape(x.shape)
       if not self.is_initializing():
-        group_mean = mean.reshape(-1, features).mean(axis=0)
-        group_var = var.reshape(-1, features).mean(axis=0)
+        group_mean = mean.mean(axis=0)
+        group_var = var.mean(axis=0)
         running_mean.value = (self.momentum * running_mean.value
                               + (1.0 - self.momentum) * group_mean).astype(running_mean.value.dtype)
         running_var.value = (self.momentum * running_var.value
