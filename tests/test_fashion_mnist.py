@@ -94,6 +94,9 @@ def test_tune_bases_picks_on_validation_and_the_sweep_reuses_the_picks(tmp_path)
   train.calls.clear()
   result = fashion_mnist.run(config, str(tmp_path / 'sweep'), train_fn=train)
   assert result['tuned_fields']['uda.weight'] == max(uda['uda.weight'])
+  # FakeTrain's curves are empty: no gain can be measured, so no base counts as converged, and the table says so.
+  assert result['budget_enough'] is False
+  assert 'Budget: NOT enough by the stated criterion' in open(tmp_path / 'sweep' / fashion_mnist.TABLE_FILE).read()
   # Seed 0 of the bases at the picked settings finished during tuning: read back from there, not trained again.
   assert train.calls == [str(tmp_path / 'sweep' / name / 'seed_0') for name in ('uda_mpl', 'uda_mpl_control')]
   assert result['rows']['supervised']['runs'][0]['workdir'] == str(tmp_path / 'tune' / 'budget' / 'supervised' /

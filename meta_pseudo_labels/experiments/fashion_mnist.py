@@ -286,6 +286,20 @@ def _write(config, workdir, rows, names, runs, pairs, files, title, summary_json
       f'{os.cpu_count()} cores)')
 
 
+def _budget_verdict(bases):
+  """The tuning's budget check, for the table to state ({} without a tuning): which bases were still learning."""
+  if not bases:
+    return {}
+  gain = lambda b: 'too few evaluations' if b['gain_last_fifth'] is None else f"{100 * b['gain_last_fifth']:+.2f}"
+  short = [f'{name} ({gain(b)})' for name, b in bases['budget'].items() if not b['enough']]
+  line = (f"Budget: enough for every base by the stated criterion (< {100 * BUDGET_GAIN:.1f} points of validation "
+          'top-1 gained over the last fifth of the tuning run).' if not short else
+          f'Budget: NOT enough by the stated criterion (< {100 * BUDGET_GAIN:.1f} points of validation top-1 gained '
+          f"over the last fifth of the tuning run) for {', '.join(short)}: the table is at a budget those bases "
+          'were not shown to have converged at.')
+  return {'budget': bases['budget'], 'budget_enough': bases['budget_enough'], 'table_suffix': f'\n{line}\n'}
+
+
 def run(config, workdir, *, train_fn, precompute_fn=None):
   """Runs (or, `sweep.mode`, reports, tunes or runs Reduced MPL's rows of) the sweep with `train_fn(config,
   workdir)`, the one-run program, and `precompute_fn(config, workdir)`, the targets program ('reduced' mode)."""
@@ -300,7 +314,7 @@ def run(config, workdir, *, train_fn, precompute_fn=None):
   runs = _sweep_runs(config, workdir, ROWS, names, train_fn, extra_fields=lambda seed: tuned_fields(config),
                      report=report, reuse_dirs=_bases(config).get('workdirs', []))
   results = _write(config, workdir, ROWS, names, runs, PAIRS, (RESULTS_FILE, TABLE_FILE, FIGURE_FILE),
-                   'Fashion-MNIST', {}, start)
+                   'Fashion-MNIST', _budget_verdict(_bases(config)), start)
   if report and config.sweep.bases:   # and Reduced MPL's table, of what has finished
     run_reduced(config, workdir, tuple(REDUCED_ROWS), train_fn=train_fn, precompute_fn=precompute_fn, start=start)
   return results
