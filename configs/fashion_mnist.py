@@ -111,7 +111,9 @@ def get_config(arg=None):
     config.num_train_steps = 40
     config.eval_every_steps = 10
     config.dataset.num_validation = 500
-    config.sweep.methods = ('supervised', 'uda', 'uda_mpl', 'uda_mpl_control')
+    # the claim rows of the table, and every row of 'reduced' mode (each mode runs its own)
+    config.sweep.methods = ('supervised', 'uda', 'uda_mpl', 'uda_mpl_control', 'distill_soft', 'distill_sampled',
+                            'reduced_mpl')
     config.sweep.num_seeds = 2
   elif arg not in (None, ''):
     raise errors.ConfigError(f"config argument {arg!r}: unknown; use no argument or ':quick'")

@@ -176,6 +176,14 @@ def test_rows_and_config():
     fashion_mnist.row_names(config)
 
 
+def test_quick_runs_the_claim_rows_in_the_table_and_every_row_in_reduced_mode():
+  """`:quick` names rows of both modes' tables; each mode runs its own (the README's commands with `:quick`)."""
+  quick = fashion_mnist_config.get_config('quick')
+  assert fashion_mnist.row_names(quick) == fashion_mnist.CLAIM_ROWS
+  quick.sweep.mode = 'reduced'
+  assert fashion_mnist.row_names(quick) == tuple(fashion_mnist.REDUCED_ROWS)
+
+
 @pytest.mark.slow
 def test_quick_through_main(tmp_path):
   """`:quick` through main on small idx files, 4 steps: RandAugment (a claim-less row: 1 seed; labeled strong views)
