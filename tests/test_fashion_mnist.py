@@ -53,6 +53,8 @@ def test_a_finished_run_is_read_back_not_rerun(tmp_path):
   pair = first['paired_differences']['uda_mpl - uda_mpl_control']
   assert pair['seeds'] == [0, 1] and pair['mean'] == pytest.approx(0.02)
   assert pair['interval'] == pytest.approx([0.02, 0.02])   # the same difference on both seeds
+  base_gain = first['paired_differences']['uda - supervised']   # the bases against labels alone, paired too
+  assert base_gain['seeds'] == [0, 1] and base_gain['mean'] == pytest.approx(0.001 * _config().uda.weight)
 
   def must_not_train(config, workdir):
     raise AssertionError(f'{workdir} finished already, yet was trained again')

@@ -16,11 +16,11 @@ Reported model per row (fixed before any run): the EMA network of a base, MPL's 
 `sweep.mode`:
 - 'run' (default): every row and seed, the claim's rows first and seed by seed (a sweep stopped early has the
   claim's rows on the same seeds), then the table of mean +- std test top-1, the paired per-seed differences (each
-  MPL row minus its base, uda_mpl minus the control: mean, std, 95 % Student-t interval), the figure of validation
-  top-1 against steps, and the JSON with every run. MPL runs also get a diagnosis, for when MPL does not beat its
-  base: the curves of `DIAGNOSIS_CURVES` (the feedback's size against the teacher's own gradient, h, the student's
-  curve) and experiments/student_diagnosis.py's measurements (BatchNorm statistics, the teacher's labels on strong
-  views).
+  MPL row minus its base, uda_mpl minus the control, UDA and RandAugment minus supervised: mean, std, 95 % Student-t
+  interval), the figure of validation top-1 against steps, and the JSON with every run. MPL runs also get a
+  diagnosis, for when MPL does not beat its base: the curves of `DIAGNOSIS_CURVES` (the feedback's size against the
+  teacher's own gradient, h, the student's curve) and experiments/student_diagnosis.py's measurements (BatchNorm
+  statistics, the teacher's labels on strong views).
 - 'report': the same outputs from the runs that have finished, training nothing (and Reduced MPL's, below).
 - 'reduced' (after 'tune_bases'): Reduced MPL (App. E) against distillation from the same fixed teacher
   (`REDUCED_ROWS`, `sweep.num_seeds` seeds each). T is the EMA network of the best base at the tuned settings (by
@@ -87,8 +87,10 @@ ROWS = {
                             (('mpl.feedback', 'none'), ('mpl.pseudo_labels', 'sampled'))),
 }
 CLAIM_ROWS = ('supervised', 'uda', 'uda_mpl', 'uda_mpl_control')
+# Each MPL row against its base and UDA + MPL against the control; then what the bases themselves gain over labels
+# alone (the unlabeled images through UDA, the strong views), the comparison the UDA target is about.
 PAIRS = (('supervised_mpl', 'supervised'), ('randaugment_mpl', 'randaugment'), ('uda_mpl', 'uda'),
-         ('uda_mpl', 'uda_mpl_control'))
+         ('uda_mpl', 'uda_mpl_control'), ('uda', 'supervised'), ('randaugment', 'supervised'))
 
 # Reduced MPL (App. E), 'reduced' mode: T is the best base of the table (seed 0, validation top-1 of its EMA
 # network), trained once; its distributions on each seed's unlabeled split are precomputed once per seed
