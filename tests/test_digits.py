@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -101,3 +102,24 @@ def test_an_unfinished_run_of_another_config_is_refused_not_continued(tmp_path):
   run_directory.RunDirectory(run_dir).write_config(other_sweep.to_dict())
   with pytest.raises(AssertionError, match='trained'):
     sweeps.one_run(run, row, str(run_dir), train_fn)
+
+
+def test_the_cpu_time_of_a_preempted_stretch_counts_toward_its_run(tmp_path):
+  """The sweep's CPU hours: a run stopped by SIGTERM (the train program saves and raises `Preempted`) and resumed
+  later is charged for both stretches, not only the one that finished it."""
+  row = digits.METHODS['supervised']
+  run = sweeps.run_config(digits_config.get_config(), row, 0)
+  run_dir = tmp_path / 'supervised' / 'seed_0'
+  def preempted_after_some_work(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    start = time.process_time()
+    while time.process_time() - start < 0.05:
+      pass
+    raise errors.Preempted('SIGTERM: saved at step 3')
+  charged = []
+  for _ in range(2):
+    with pytest.raises(errors.Preempted):
+      sweeps.one_run(run, row, str(run_dir), preempted_after_some_work)
+    with open(run_dir / sweeps.CPU_TIME_FILE) as f:
+      charged.append(json.load(f)['cpu_time_s'])
+  assert 0.05 <= charged[0] and charged[0] + 0.05 <= charged[1]

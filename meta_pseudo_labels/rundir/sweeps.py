@@ -90,8 +90,10 @@ def one_run(run, row, run_dir, train_fn, *, curve_tags=()):
   if not reused:
     _check_unfinished(run_dir, run)
     cpu_start = time.process_time()
-    results = train_fn(run, run_dir)
-    _add_cpu_time(run_dir, time.process_time() - cpu_start)
+    try:
+      results = train_fn(run, run_dir)
+    finally:   # a stretch stopped by SIGTERM (saved, resumed later) counts too; only a SIGKILL loses its CPU time
+      _add_cpu_time(run_dir, time.process_time() - cpu_start)
   curve_tag = f'validation/{row.curve_model}/top1'
   recorded = run_directory.read_scalars(run_directory.RunDirectory(run_dir).tensorboard)
   scalars = {tag: sorted(recorded.get(tag, {}).items()) for tag in (curve_tag, *curve_tags)}
