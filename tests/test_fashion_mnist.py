@@ -67,7 +67,8 @@ def test_a_finished_run_is_read_back_not_rerun(tmp_path):
   report = fashion_mnist.run(_config(mode='report'), str(tmp_path), train_fn=must_not_train)
   assert [run['seed'] for run in report['rows']['uda_mpl']['runs']] == [0]
   assert report['paired_differences']['uda_mpl - uda']['seeds'] == [0]
-  assert '| uda_mpl | 1/2 |' in open(tmp_path / fashion_mnist.TABLE_FILE).read()
+  table = open(tmp_path / fashion_mnist.TABLE_FILE).read()
+  assert '| uda_mpl | 1/2 |' in table and '| uda_mpl - uda | 0 | +5.0 | - (one seed) |' in table   # no spread shown
   train.calls.clear()
   fashion_mnist.run(_config(), str(tmp_path), train_fn=train)
   assert train.calls == [str(tmp_path / 'uda_mpl' / 'seed_1')]

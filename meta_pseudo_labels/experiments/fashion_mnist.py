@@ -248,10 +248,11 @@ def format_table(config, results, pairs):
   lines += ['', '| paired difference (test top-1, points) | seeds | mean ± std | 95 % t-interval |',
             '|---|---|---:|---|']
   for pair, difference in pairs.items():
-    interval = ('[{:+.1f}, {:+.1f}]'.format(*(100 * v for v in difference['interval'])) if difference['interval']
-                else '- (one seed)')
-    lines.append(f"| {pair} | {', '.join(map(str, difference['seeds']))} | {100 * difference['mean']:+.1f} ± "
-                 f"{100 * difference['std']:.1f} | {interval} |")
+    one_seed = not difference['interval']
+    interval = '- (one seed)' if one_seed else '[{:+.1f}, {:+.1f}]'.format(*(100 * v for v in difference['interval']))
+    spread = '' if one_seed else f" ± {100 * difference['std']:.1f}"   # one seed has no spread to show
+    lines.append(f"| {pair} | {', '.join(map(str, difference['seeds']))} | {100 * difference['mean']:+.1f}{spread} | "
+                 f"{interval} |")
   return '\n'.join(lines) + '\n'
 
 
