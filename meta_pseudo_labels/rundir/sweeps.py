@@ -125,8 +125,9 @@ def _cpu_time(run_dir):
 
 
 def _add_cpu_time(run_dir, seconds):
-  """Adds the CPU time (user + system, every thread) of a `train_fn` call that returned; a call stopped midway
-  (Ctrl-C, preemption) is not counted, so a resumed run's figure covers its last stretch only."""
+  """Adds the CPU time (user + system, every thread) of one `train_fn` call to the run's total: a call that returned
+  or was stopped by SIGTERM or Ctrl-C (saved, resumed later); a SIGKILLed stretch is lost, so a total is a lower
+  bound."""
   total = _cpu_time(run_dir) + seconds
   with open(os.path.join(run_dir, CPU_TIME_FILE), 'w') as f:
     json.dump({'cpu_time_s': total}, f)
