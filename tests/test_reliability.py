@@ -63,8 +63,8 @@ MOONS = ('--config=configs/two_moons.py', '--config.experiment=train', '--config
 
 
 def _env(fault=None, cache=None):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_backend_optimization_level=0')   # one device; compiles the tiny programs faster
   env.pop(train.FAULT_ENV, None)
   if fault:
     env[train.FAULT_ENV] = fault
