@@ -332,6 +332,49 @@ def test_batch_norm_matches_the_plain_formula_per_feature_in_value_and_gradient(
     np.testing.assert_allclose(grad, grad_plain, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize('shape, group_size', [((6, 5, 7, 3), 2), ((6, 5, 7, 3), 0), ((8, 3), 4)])
+def test_batch_norm_written_out_backward_equals_the_formula_s_in_float64_to_second_order(shape, group_size):
+  """The layer's backward is written out (layers._train_batch_norm). In float64 it must equal the gradient of the
+  plain formula: for the input, the scale and the bias, through the running statistics too (their cotangents
+  enter the loss here), and once more differentiated, as the exact meta-gradient differentiates a student's
+  backward pass."""
+  rng = np.random.default_rng(2)
+  features = shape[-1]
+  groups = shape[0] // (group_size or shape[0])
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 3.0, features) + rng.normal(size=features))
+    weights = jnp.asarray(rng.normal(size=shape))
+    params = {'scale': jnp.asarray(rng.normal(size=features)), 'bias': jnp.asarray(rng.normal(size=features))}
+    running = {'mean': jnp.asarray(rng.normal(size=features)), 'var': jnp.asarray(rng.uniform(0.5, 2.0, features))}
+    norm = layers.BatchNorm(momentum=0.9, epsilon=1e-3, group_size=group_size)
+
+    def layer_loss(params, x):
+      y, updates = norm.apply({'params': params, 'batch_stats': running}, x, train=True, mutable=['batch_stats'])
+      stats = updates['batch_stats']
+      return jnp.sum(jnp.tanh(y) * weights) + jnp.sum(jnp.sin(stats['mean'])) + jnp.sum(jnp.cos(stats['var']))
+
+    def plain_loss(params, x):
+      grouped = x.reshape((groups, -1) + x.shape[1:])
+      axes = tuple(range(1, grouped.ndim - 1))
+      mean = grouped.mean(axis=axes, keepdims=True)
+      var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+      y = ((grouped - mean) * jax.lax.rsqrt(var + 1e-3)).reshape(x.shape) * params['scale'] + params['bias']
+      new_mean = 0.9 * running['mean'] + 0.1 * mean.reshape(groups, features).mean(axis=0)
+      new_var = 0.9 * running['var'] + 0.1 * var.reshape(groups, features).mean(axis=0)
+      return jnp.sum(jnp.tanh(y) * weights) + jnp.sum(jnp.sin(new_mean)) + jnp.sum(jnp.cos(new_var))
+
+    def second_order(loss):
+      gradient_norm = lambda params, x: sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(
+          jax.grad(loss, argnums=(0, 1))(params, x)))
+      return jax.grad(gradient_norm, argnums=(0, 1))
+
+    for check in (lambda loss: loss, lambda loss: jax.grad(loss, argnums=(0, 1)), second_order):
+      got, want = check(layer_loss)(params, x), check(plain_loss)(params, x)
+      for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert got_leaf.dtype == jnp.float64
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-9, atol=1e-11)
+
+
 def test_batch_norm_eval_uses_running_statistics(activations):
   _, stats, variables = run_batch_norm(activations, group_size=2)
   variables = {'params': variables['params'], 'batch_stats': stats}
