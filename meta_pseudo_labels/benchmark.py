@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import math
 import json
 import os
 import statistics
@@ -442,8 +443,11 @@ def _ratios(steps: dict[str, Any], floor: dict[str, float], matmul: dict[str, An
 
 
 # The machine counts as quiet when the 1-minute load average before the run is at most this fraction of its CPUs and
-# did not rise by more than that over the run: beyond it other processes took cycles the timed steps wanted.
+# ended no more than that above what the run's own busy threads explain: beyond it other processes took cycles the
+# timed steps wanted.
 QUIET_LOAD_PER_CPU = 0.5
+# The kernel's 1-minute load average decays with this time constant (seconds).
+LOAD_AVERAGE_SECONDS = 60.0
 
 
 def cpu_model() -> str:
@@ -467,17 +471,43 @@ def load_average() -> list[float] | None:
     return None
 
 
-def machine_load(before: list[float] | None, after: list[float] | None) -> dict[str, Any]:
+def usage_now() -> tuple[float, float]:
+  """(wall, CPU) seconds now; the CPU seconds count this process and its waited-for children (end-to-end runs)."""
+  times = os.times()
+  return time.perf_counter(), times.user + times.system + times.children_user + times.children_system
+
+
+def machine_load(before: list[float] | None, after: list[float] | None,
+                 usage_before: tuple[float, float] | None = None) -> dict[str, Any]:
   """The load averages around a measurement and whether the machine was quiet (`QUIET_LOAD_PER_CPU`).
 
   Timings taken under load do not describe the code (the two sides of a ratio are not slowed alike): the report
-  and the JSON carry a warning instead of a silent figure.
+  and the JSON carry a warning instead of a silent figure. The run's own threads raise the load average too (a
+  two-minute run on both of two cores lifts it by about 1.7): with `usage_before` (`usage_now()` at the start), the
+  rise they explain, their mean number of busy threads times (1 - exp(-wall / 60 s)), is not counted against it.
   """
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   record = dict(load_before=before, load_after=after, cpus=cpus, quiet=None, warning='')
   if before is None or after is None:
     record['warning'] = 'no load average on this OS: cannot tell whether the machine was quiet'
     return record
+  expected = before[0]
+  if usage_before is not None:
+    (wall_start, cpu_start), (wall_end, cpu_end) = usage_before, usage_now()
+    wall = max(wall_end - wall_start, 1e-9)
+    busy_threads = min(float(cpus), (cpu_end - cpu_start) / wall)
+    decay = math.exp(-wall / LOAD_AVERAGE_SECONDS)
+    expected = max(before[0], before[0] * decay + busy_threads * (1.0 - decay))
+    record['own_load'] = round(expected - before[0], 2)
+  limit = QUIET_LOAD_PER_CPU * cpus
+  busy_before, rising = before[0] > limit, after[0] - expected > limit
+  record['quiet'] = not (busy_before or rising)
+  if not record['quiet']:
+    own = f' beyond the {expected - before[0]:.2f} this run\'s own threads explain' if usage_before else ''
+    record['warning'] = (f'NOT A QUIET MACHINE: 1-min load {before[0]:.2f} before, {after[0]:.2f} after, on {cpus} '
+                         f'CPUs (quiet: at most {limit:.2f} before and no rise above it{own}); other processes '
+                         'took cycles, so compare only ratios measured in this one run')
+  return record
   limit = QUIET_LOAD_PER_CPU * cpus
   busy_before, rising = before[0] > limit, after[0] - before[0] > limit
   record['quiet'] = not (busy_before or rising)
@@ -510,7 +540,7 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   unknown = sorted(set(feedback_modes) - set(FEEDBACK_MODES))
   if unknown:
     raise errors.ConfigError(f'feedback_modes: unknown {unknown}; choose from {list(FEEDBACK_MODES)}')
-  load_before = load_average()
+  load_before, usage_before = load_average(), usage_now()
   matmul_before = matmul_reference(matmul_size, warmup, repeats)
   measured = measure_steps(config, feedback_modes=feedback_modes, warmup=warmup, repeats=repeats,
                            torch_reference_on=torch_reference_on)
@@ -533,7 +563,7 @@ def run(config, *, feedback_modes: Sequence[str] = FEEDBACK_MODES, warmup: int =
   if pipeline_batches:
     consumed = max(record['examples_per_second'] for name, record in steps.items() if name.startswith('mpl_'))
     result['input_pipeline'] = measure_input_pipeline(config, pipeline_batches, consumed, pipeline_data)
-  result['machine_load'] = machine_load(load_before, load_average())
+  result['machine_load'] = machine_load(load_before, load_average(), usage_before)
   return result
 
 
@@ -655,11 +685,12 @@ def _main():
         if flag.value < minimum:
           raise errors.ConfigError(f'--{name}: must be >= {minimum}, got {flag.value}')
       if end_to_end_flag.value:
-        load_before = load_average()
+        load_before, usage_before = load_average(), usage_now()
         config_args = [arg for arg in sys.argv[1:] if arg.startswith('--config')]
         result = end_to_end(config_flag.value, config_args, methods=methods_flag.value, data_path=data_flag.value,
                             variants=json.loads(variants_flag.value) if variants_flag.value else None)
-        result.update(device=device_description(), machine_load=machine_load(load_before, load_average()))
+        result.update(device=device_description(),
+                      machine_load=machine_load(load_before, load_average(), usage_before))
         device = result['device']
         print(json.dumps(result, indent=1) if json_flag.value else
               f"host CPU {device['host_cpu_model']} x {device['host_cpu_count']}, jax {device['jax_version']}\n"
