@@ -45,7 +45,7 @@ def _train_batch_norm(grouped, scale, bias, epsilon):
 
   The backward pass is written out (the fused form of BatchNorm's gradient, as cuDNN's): the input's gradient
   needs the two sums that are also the bias's and the scale's gradients, so each layer's backward takes 2 sums
-  where differentiating the forward formula takes 4. Measured 3-5 % faster per MPL step on CPU
+  where differentiating the forward formula takes 4. The MPL step took 0.85-0.93x the time on a 2-core CPU
   (docs/PERFORMANCE.md); the same values to float32 rounding, and it is differentiable again (the exact
   meta-gradient differentiates through a student's backward pass), which tests/test_models.py checks in float64.
   """
