@@ -46,8 +46,8 @@ import copy
 import dataclasses
 import functools
 import itertools
-import math
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -507,14 +507,6 @@ def machine_load(before: list[float] | None, after: list[float] | None,
     record['warning'] = (f'NOT A QUIET MACHINE: 1-min load {before[0]:.2f} before, {after[0]:.2f} after, on {cpus} '
                          f'CPUs (quiet: at most {limit:.2f} before and no rise above it{own}); other processes '
                          'took cycles, so compare only ratios measured in this one run')
-  return record
-  limit = QUIET_LOAD_PER_CPU * cpus
-  busy_before, rising = before[0] > limit, after[0] - before[0] > limit
-  record['quiet'] = not (busy_before or rising)
-  if not record['quiet']:
-    record['warning'] = (f'NOT A QUIET MACHINE: 1-min load {before[0]:.2f} before, {after[0]:.2f} after, on {cpus} '
-                         f'CPUs (quiet: at most {limit:.2f} before and no rise above it); other processes took '
-                         'cycles, so compare only ratios measured in this one run')
   return record
 
 
