@@ -23,6 +23,7 @@ Learning-rate schedules are not reproduced (a constant rate costs the same).
 
 import contextlib
 import importlib.util
+import sys
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,16 @@ def available() -> bool:
 
 
 def _torch():
+  """torch, imported so that it works beside TensorFlow.
+
+  torch imports triton (its GPU compiler) on first use of `torch.optim`; triton 3.8.0 crashes the process with a
+  segmentation fault while loading when TensorFlow 2.21 is already loaded in it (both orders of the two imports
+  were tried: only TensorFlow first crashes), as in a test worker that ran TensorFlow tests before. The reference
+  runs eager PyTorch and never uses triton, so with TensorFlow loaded, triton is made unimportable first (a None
+  entry in `sys.modules`), which torch reads as "triton not installed".
+  """
+  if 'tensorflow' in sys.modules:
+    sys.modules.setdefault('triton', None)
   import torch  # pylint: disable=g-import-not-at-top
   return torch
 

@@ -1,4 +1,9 @@
 """The PyTorch reference of the MPL step has the project's model shapes and runs the step it claims (torch optional)."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +12,8 @@ from configs import cifar10_4k
 from meta_pseudo_labels import models
 from meta_pseudo_labels import torch_reference
 from meta_pseudo_labels.execution import workload
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(not torch_reference.available(),
                                 reason='torch is not installed (the optional extra: pip install .[bench])')
@@ -50,3 +57,22 @@ def test_one_step_updates_both_networks_and_leaves_the_feedback_statistics_alone
 def test_device_follows_the_jax_backend():
   assert torch_reference.device_for('cpu') == 'cpu'
   assert torch_reference.device_for('tpu') == 'cpu'
+
+
+def test_the_step_runs_in_a_process_that_loaded_tensorflow_first():
+  """A test worker that ran TensorFlow tests before: torch's first optimizer step there used to kill the process
+  (triton loading after TensorFlow); the same step, in a fresh process that imports TensorFlow first."""
+  program = textwrap.dedent('''
+      import tensorflow, jax
+      from configs import cifar10_4k
+      from meta_pseudo_labels import torch_reference
+      from meta_pseudo_labels.execution import workload
+      config = cifar10_4k.get_config()
+      config.model.name, config.batch_size, config.uda_ratio, config.dataset.image_size = 'wrn10_1', 2, 1, 8
+      step = torch_reference.MplStep(config, jax.device_get(workload.synthetic_batch(config)), 'cpu')
+      print('loss', float(step(0).detach()))
+  ''')
+  process = subprocess.run([sys.executable, '-c', program], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           check=False, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'})
+  assert process.returncode == 0, f'exit {process.returncode}\n{process.stderr[-3000:]}'
+  assert np.isfinite(float(process.stdout.split('loss')[-1]))
