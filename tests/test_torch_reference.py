@@ -63,12 +63,12 @@ def test_the_step_runs_in_a_process_that_loaded_tensorflow_first():
   """A test worker that ran TensorFlow tests before: torch's first optimizer step there used to kill the process
   (triton loading after TensorFlow); the same step, in a fresh process that imports TensorFlow first."""
   program = textwrap.dedent('''
-      import tensorflow, jax
-      from configs import cifar10_4k
+      import sys, tensorflow, jax
+      sys.path.insert(0, 'tests')
+      from test_torch_reference import _config
       from meta_pseudo_labels import torch_reference
       from meta_pseudo_labels.execution import workload
-      config = cifar10_4k.get_config()
-      config.model.name, config.batch_size, config.uda_ratio, config.dataset.image_size = 'wrn10_1', 2, 1, 8
+      config = _config()
       step = torch_reference.MplStep(config, jax.device_get(workload.synthetic_batch(config)), 'cpu')
       print('loss', float(step(0).detach()))
   ''')
